@@ -1,0 +1,130 @@
+"""A pool of long-lived gloo ranks for multi-rank tests.
+
+Starting a process that imports torch costs ~2.5 s here, so each world size gets one
+pool of worker processes for the whole test session; a test ships a module-level
+function to every rank and gets back each rank's return value (~20 ms per call).
+A failure on any rank raises in the test with that rank's traceback, and the pool is
+torn down and rebuilt so one broken test cannot hang the next ones.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+_CTX = mp.get_context("spawn")
+CALL_TIMEOUT_S = float(os.environ.get("DIST_TEST_TIMEOUT", "180"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tasks, results) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results.put((rank, "ready", None))
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        fn, args, kwargs = item
+        try:
+            out = fn(*args, **kwargs)
+            results.put((rank, "ok", out))
+        except BaseException:  # noqa: BLE001 - the test reports it
+            results.put((rank, "error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        port = _free_port()
+        self._tasks = [_CTX.Queue() for _ in range(world_size)]
+        self._results = _CTX.Queue()
+        self._procs = [
+            _CTX.Process(target=_worker, args=(r, world_size, port, self._tasks[r], self._results), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in self._procs:
+            p.start()
+        self._collect("ready")
+        self.broken = False
+
+    def _collect(self, expect: str) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        errors: dict[int, str] = {}
+        for _ in range(self.world_size):
+            try:
+                rank, status, payload = self._results.get(timeout=CALL_TIMEOUT_S)
+            except queue.Empty:
+                self.broken = True
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                raise TimeoutError(
+                    f"ranks did not answer within {CALL_TIMEOUT_S}s (dead ranks: {dead}); "
+                    f"errors so far: {errors}") from None
+            if status == "error":
+                errors[rank] = payload
+                # the other ranks are likely stuck in a collective: do not wait for them
+                self.broken = True
+                break
+            out[rank] = payload
+        if errors:
+            rank, tb = next(iter(errors.items()))
+            raise AssertionError(f"rank {rank} of {self.world_size} failed:\n{tb}")
+        return out
+
+    def run(self, fn: Callable, *args, **kwargs) -> list[Any]:
+        """Call `fn(*args, **kwargs)` on every rank; return the results in rank order."""
+        for q in self._tasks:
+            q.put((fn, args, kwargs))
+        return self._collect("ok")
+
+    def close(self) -> None:
+        for q in self._tasks:
+            try:
+                q.put(None)
+            except Exception:  # noqa: BLE001
+                pass
+        for p in self._procs:
+            p.join(timeout=2 if not self.broken else 0.1)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+
+
+_POOLS: dict[int, RankPool] = {}
+
+
+def get_pool(world_size: int) -> RankPool:
+    pool = _POOLS.get(world_size)
+    if pool is None or pool.broken:
+        if pool is not None:
+            pool.close()
+        pool = _POOLS[world_size] = RankPool(world_size)
+    return pool
+
+
+def close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.close()
+    _POOLS.clear()
+
+
+def run_on_ranks(world_size: int, fn: Callable, *args, **kwargs) -> list[Any]:
+    return get_pool(world_size).run(fn, *args, **kwargs)
