@@ -18,6 +18,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+# torch >= 2.13 renamed all_gather_into_tensor; keep both working
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 _bytes: dict[str, int] = defaultdict(int)
 _calls: dict[str, int] = defaultdict(int)
 _seconds: dict[str, float] = defaultdict(float)
@@ -89,7 +92,7 @@ def all_gather_along(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     x = tensor.movedim(dim, 0).contiguous()  # [n, ...]
     out = torch.empty((p * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     with _record("all_gather", x.numel() * x.element_size() * (p - 1)):
-        dist.all_gather_into_tensor(out, x, group=group)
+        _all_gather_single(out, x, group=group)
     return out.movedim(0, dim)  # [p*n, ...] -> original layout with dim grown p-fold
 
 
