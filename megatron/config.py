@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
 
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
-ATTENTION_BACKENDS = ("classic", "sdpa", "flash-attn", "triton")
+ATTENTION_BACKENDS = ("classic", "sdpa", "flash-attn")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 
 
@@ -37,9 +36,9 @@ class ModelConfig:
     num_attention_heads: int
     vocab_size: int  # already padded (see megatron.data.tokenizers)
     max_position_embeddings: int
-    ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
-    num_query_groups: Optional[int] = None  # K/V heads; None means = num_attention_heads
-    kv_channels: Optional[int] = None  # head dim; default hidden_size // heads
+    ffn_hidden_size: int | None = None  # default 4 * hidden_size
+    num_query_groups: int | None = None  # K/V heads; None means = num_attention_heads
+    kv_channels: int | None = None  # head dim; default hidden_size // heads
     position_embedding_type: str = "learned_absolute"
     rotary_base: float = 10000.0
     normalization: str = "LayerNorm"
@@ -52,7 +51,10 @@ class ModelConfig:
     attention_dropout: float = 0.1
     attention_backend: str = "sdpa"
     attention_softmax_in_fp32: bool = True
-    recompute_granularity: Optional[str] = None
+    recompute_granularity: str | None = None
+    loss_tile_tokens: int = 0  # > 0: logits + cross-entropy in tiles of this many tokens
+    mlp_tiles: int = 1  # > 1: MLP over this many sequence tiles, recomputed per tile
+    offload_activations: bool = False  # keep checkpointed layer inputs in host memory (GPU)
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -86,6 +88,8 @@ class ModelConfig:
         _choice("recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
         if self.position_embedding_type == "rope" and self.kv_channels % 2:
             raise ConfigError(f"RoPE needs an even head dim, got kv_channels={self.kv_channels}")
+        if self.loss_tile_tokens < 0 or self.mlp_tiles < 1:
+            raise ConfigError("--tiled-loss-tokens must be >= 0 and --tiled-mlp-tiles >= 1")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1)")
@@ -98,7 +102,7 @@ class ModelConfig:
     def num_kv_heads(self) -> int:
         return self.num_query_groups
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def num_parameters(self) -> int:
@@ -119,7 +123,7 @@ class ModelConfig:
         return emb + L * layer + norm + out
 
     @classmethod
-    def gpt3(cls, **kw) -> "ModelConfig":
+    def gpt3(cls, **kw) -> ModelConfig:
         base = dict(position_embedding_type="learned_absolute", normalization="LayerNorm",
                     activation="gelu", add_bias_linear=True,
                     untie_embeddings_and_output_weights=False)
@@ -127,7 +131,7 @@ class ModelConfig:
         return cls(**base)
 
     @classmethod
-    def llama(cls, **kw) -> "ModelConfig":
+    def llama(cls, **kw) -> ModelConfig:
         base = dict(position_embedding_type="rope", normalization="RMSNorm", norm_epsilon=1e-6,
                     activation="swiglu", add_bias_linear=False,
                     untie_embeddings_and_output_weights=True)
@@ -157,3 +161,145 @@ def _choice(name: str, value, allowed) -> None:
 
 
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "field"]
+
+
+# --------------------------------------------------------------------------------------
+# Run configuration: data, optimizer, training schedule, checkpoints, logging.
+# Built by `megatron.arguments.parse_args`; every value is already resolved (iterations,
+# not samples or tokens) so the training loop does no flag arithmetic of its own.
+# --------------------------------------------------------------------------------------
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where samples come from. `data_path` keeps Megatron's "[weight] prefix ..." list as given."""
+
+    seq_length: int = 2048
+    data_path: tuple = ()
+    split: str = "969,30,1"
+    tokenizer_type: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    tokenizer_model: str | None = None
+    vocab_size: int | None = None  # unpadded, for NullTokenizer / mock data
+    vocab_extra_ids: int = 0
+    make_vocab_size_divisible_by: int = 128
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    data_cache_path: str | None = None
+    mock_data: bool = False
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, its schedule (in optimizer steps) and the numeric precision of training.
+
+    Warmup and decay lengths are resolved to steps: with a constant global batch,
+    Megatron's sample- and token-based schedules are step-based schedules in disguise.
+    """
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "linear"
+    lr_decay_steps: int = 0
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping (the norm is still computed and logged)
+    fp16: bool = False
+    bf16: bool = False
+    loss_scale: float | None = None  # static scale; None means dynamic (fp16 only)
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+
+    def __post_init__(self) -> None:
+        _choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        if self.fp16 and self.bf16:
+            raise ConfigError("--fp16 and --bf16 are mutually exclusive: pass at most one of them")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr ({self.min_lr}) must be <= --lr ({self.lr})")
+
+    @property
+    def dtype_name(self) -> str:
+        return "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Batch geometry and the iteration schedule. `train_iters` is resolved from samples/tokens."""
+
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    train_iters: int = 0
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    seed: int = 1234
+    exit_interval: int | None = None
+
+    def num_micro_batches(self, data_parallel_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where checkpoints go; written with torch.distributed.checkpoint (see megatron.training.checkpointing)."""
+
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    no_save_optim: bool = False
+    no_load_optim: bool = False
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """What the loop reports and where."""
+
+    log_interval: int = 100
+    tensorboard_dir: str | None = None
+    tensorboard_log_interval: int = 1
+    log_timers_to_tensorboard: bool = False
+    log_json: str | None = None  # one JSON object per line, for tests and tools
+    timing_log_level: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one `pretrain_gpt.py` run needs, validated against the world size."""
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    log: LogConfig
+    world_size: int = 1
+    notes: tuple = ()  # flags accepted without effect, with the reason (printed at start-up)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.parallel.sequence_parallel_size
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.train.num_micro_batches(self.data_parallel_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.seq_length
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+__all__ += ["DataConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LogConfig",
+            "RunConfig", "LR_DECAY_STYLES"]

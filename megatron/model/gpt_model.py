@@ -8,6 +8,8 @@ reference every sequence-parallel test compares against.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,7 @@ from megatron.config import ModelConfig
 from megatron.core import comm
 from megatron.core.sequence_parallel import check_same_local_shape
 from megatron.model.rotary import RotaryEmbedding
+from megatron.model.tiling import tiled_cross_entropy
 from megatron.model.transformer import TransformerLayer, build_norm, init_layer_
 
 
@@ -70,6 +73,25 @@ class GPTModel(nn.Module):
         if self.output_layer is not None:
             nn.init.normal_(self.output_layer.weight, mean=0.0, std=std)
 
+    def _layers(self, x, rope, segment_ids):
+        full_recompute = self.config.recompute_granularity == "full" and self.training
+        for layer in self.layers:
+            if full_recompute:
+                x = checkpoint(layer, x, rope, segment_ids, use_reentrant=False)
+            else:
+                x = layer(x, rope, segment_ids)
+        return x
+
+    def _activation_offload(self, x: torch.Tensor):
+        """Keep saved activations (with full recompute: just the layer inputs) in host memory.
+
+        Only meaningful on an accelerator; on CPU the tensors are already in host memory and
+        this is a no-op (the training log says so).
+        """
+        if self.config.offload_activations and x.is_cuda and self.training:
+            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        return contextlib.nullcontext()
+
     @property
     def output_weight(self) -> torch.Tensor:
         return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight
@@ -99,13 +121,14 @@ class GPTModel(nn.Module):
         if self.training and self.config.hidden_dropout > 0:
             x = F.dropout(x, p=self.config.hidden_dropout)
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        full_recompute = self.config.recompute_granularity == "full" and self.training
-        for layer in self.layers:
-            if full_recompute:
-                x = checkpoint(layer, x, rope, segment_ids, use_reentrant=False)
-            else:
-                x = layer(x, rope, segment_ids)
+        with self._activation_offload(x):
+            x = self._layers(x, rope, segment_ids)
         x = self.final_norm(x)
+        if labels is not None and self.config.loss_tile_tokens > 0:
+            s, b, h = x.shape
+            losses = tiled_cross_entropy(x.reshape(s * b, h), self.output_weight, labels.t().reshape(s * b),
+                                         self.config.loss_tile_tokens)  # [s/p * b]
+            return losses.view(s, b).t()  # [s/p, b] -> [b, s/p]
         logits = F.linear(x, self.output_weight)  # [s/p, b, V]
         if labels is None:
             return logits.transpose(0, 1)  # [b, s/p, V]

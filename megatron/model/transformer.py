@@ -18,6 +18,7 @@ from megatron.config import ModelConfig
 from megatron.core.sequence_parallel import DistributedAttention
 from megatron.model.attention_backends import build_local_attention
 from megatron.model.rotary import apply_rotary
+from megatron.model.tiling import tiled_apply
 
 
 def build_norm(config: ModelConfig) -> nn.Module:
@@ -100,11 +101,12 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = build_norm(config)
         self.mlp = MLP(config)
         self.hidden_dropout = config.hidden_dropout
+        self.mlp_tiles = config.mlp_tiles
 
     def forward(self, x: torch.Tensor, rope=None, segment_ids=None) -> torch.Tensor:
         drop = self.hidden_dropout if self.training else 0.0
         x = x + F.dropout(self.attention(self.input_norm(x), rope, segment_ids), p=drop)
-        return x + F.dropout(self.mlp(self.post_attention_norm(x)), p=drop)
+        return x + F.dropout(tiled_apply(self.mlp, self.post_attention_norm(x), self.mlp_tiles), p=drop)
 
 
 def init_layer_(layer: TransformerLayer, config: ModelConfig) -> None:

@@ -1,0 +1,83 @@
+"""Sequence tiling: compute token-local work in tiles so its peak memory stops growing with N.
+
+At long sequence lengths two token-local tensors dominate the activation memory of a
+rank: the logits `[N/P, vocab]` (in fp32 for the loss, twice over with their gradient)
+and the MLP's `[N/P, ffn]` intermediate. Both are computed tile by tile here:
+
+* `tiled_cross_entropy`: output projection + cross-entropy forward *and* backward in
+  tiles of tokens, never holding more than `[tile, vocab]` logits; it keeps only the
+  log-sum-exp per token between forward and backward.
+* `tiled_apply`: the MLP applied per tile under activation checkpointing, so the backward
+  recomputes one tile's intermediate at a time.
+
+Both are exact: they change the order of nothing but independent rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class _TiledLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tile: int):
+        # hidden [n, h], weight [V, h], labels [n]
+        n = hidden.shape[0]
+        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        w = weight.to(hidden.dtype)
+        for i in range(0, n, tile):
+            logits = (hidden[i:i + tile] @ w.t()).float()  # [t, V]
+            lse[i:i + tile] = torch.logsumexp(logits, dim=-1)
+            target = logits.gather(1, labels[i:i + tile, None]).squeeze(1)
+            losses[i:i + tile] = lse[i:i + tile] - target
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.tile = tile
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        tile = ctx.tile
+        w = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for i in range(0, hidden.shape[0], tile):
+            h = hidden[i:i + tile]
+            logits = (h @ w.t()).float()  # [t, V]
+            # d loss_i / d logits_i = softmax(logits_i) - onehot(label_i), scaled by the incoming grad
+            probs = torch.exp(logits - lse[i:i + tile, None])
+            probs[torch.arange(h.shape[0], device=h.device), labels[i:i + tile]] -= 1.0
+            probs *= grad_losses[i:i + tile, None].float()
+            if grad_hidden is not None:
+                grad_hidden[i:i + tile] = (probs.to(w.dtype) @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += probs.t() @ h.float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def tiled_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        tile_tokens: int) -> torch.Tensor:
+    """Per-token cross-entropy of `hidden @ weight.T` against `labels`, `[n]` fp32.
+
+    hidden `[n, h]`, weight `[vocab, h]`, labels `[n]`; peak extra memory `[tile_tokens, vocab]`.
+    """
+    if tile_tokens <= 0:
+        raise ValueError(f"tile_tokens must be positive, got {tile_tokens}")
+    return _TiledLinearCrossEntropy.apply(hidden, weight, labels, tile_tokens)
+
+
+def tiled_apply(module: nn.Module, x: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """`module(x)` computed on `num_tiles` slices of dim 0 (the sequence), each recomputed in
+    backward, so only one tile's intermediate activations are alive at a time."""
+    if num_tiles < 1:
+        raise ValueError(f"num_tiles must be >= 1, got {num_tiles}")
+    if num_tiles == 1 or not torch.is_grad_enabled():
+        return module(x)
+    tiles = x.tensor_split(num_tiles, dim=0)  # [s/p, b, h] -> num_tiles x [~s/(p T), b, h]
+    return torch.cat([checkpoint(module, t, use_reentrant=False) for t in tiles], dim=0)
