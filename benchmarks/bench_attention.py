@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.core import comm  # noqa: E402
 from megatron.core.sequence_parallel import DistributedAttention  # noqa: E402
+from megatron.core.sequence_parallel.overlap import ChunkedUlyssesAttention  # noqa: E402
 from megatron.model.attention_backends import build_local_attention  # noqa: E402
 
 
@@ -40,10 +41,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank, world, port, n, hq, hkv, d, iters, out_q):
+def _rank(rank, world, port, n, hq, hkv, d, iters, out_q, chunks=1):
     torch.set_num_threads(max(1, 2 // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    attn = DistributedAttention(build_local_attention("sdpa", causal=True), dist.group.WORLD, check_shapes=False)
+    local = build_local_attention("sdpa", causal=True)
+    if chunks > 1:
+        attn = ChunkedUlyssesAttention(local, dist.group.WORLD, chunks)
+    else:
+        attn = DistributedAttention(local, dist.group.WORLD, check_shapes=False)
     sl = n // world
     q = torch.randn(sl, 1, hq, d, requires_grad=True)
     k = torch.randn(sl, 1, hkv, d, requires_grad=True)
@@ -67,10 +72,10 @@ def _rank(rank, world, port, n, hq, hkv, d, iters, out_q):
     dist.destroy_process_group()
 
 
-def measure(n, p, hq, hkv, d, iters):
+def measure(n, p, hq, hkv, d, iters, chunks=1):
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(p, _port(), n, hq, hkv, d, iters, q), nprocs=p, join=True,
+    mp.start_processes(_rank, args=(p, _port(), n, hq, hkv, d, iters, q, chunks), nprocs=p, join=True,
                        start_method="spawn")
     return q.get()
 

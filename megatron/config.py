@@ -55,6 +55,7 @@ class ModelConfig:
     loss_tile_tokens: int = 0  # > 0: logits + cross-entropy in tiles of this many tokens
     mlp_tiles: int = 1  # > 1: MLP over this many sequence tiles, recomputed per tile
     offload_activations: bool = False  # keep checkpointed layer inputs in host memory (GPU)
+    ulysses_overlap_chunks: int = 1  # > 1: pipeline the all-to-alls with attention over head chunks
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:

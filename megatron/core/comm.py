@@ -114,3 +114,74 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
 def barrier(group=None) -> None:
     with _record("barrier", 0):
         dist.barrier(group=group)
+
+
+def all_to_all_single_async(input: torch.Tensor, group) -> torch.Tensor:
+    """Equal-split all-to-all along dim 0 that returns at once.
+
+    The result is a functional-collective tensor that waits for the data the first time it
+    is used, so computation issued in between overlaps with the transfer. Seconds are not
+    recorded (the wait happens elsewhere); bytes are.
+    """
+    import torch.distributed._functional_collectives as fc
+
+    p = dist.get_world_size(group)
+    _bytes["all_to_all"] += input.numel() * input.element_size() * (p - 1) // p
+    _calls["all_to_all"] += 1
+    return fc.all_to_all_single(input.contiguous(), None, None, group)
+
+
+def all_to_all_single_uneven(output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
+                             input_split_sizes: list[int], group) -> torch.Tensor:
+    """All-to-all along dim 0 with per-rank split sizes (uneven head splits under Ulysses).
+
+    Counted as kind "all_to_all" like the equal-split one, so the Ulysses volume of a
+    layer is one number whichever path moved it; only the splits for other ranks count.
+    """
+    me = dist.get_rank(group)
+    row = input[0].numel() if input.dim() > 1 else 1
+    nbytes = (sum(input_split_sizes) - input_split_sizes[me]) * row * input.element_size()
+    with _record("all_to_all", nbytes):
+        if len(set(input_split_sizes)) == 1 and len(set(output_split_sizes)) == 1:
+            dist.all_to_all_single(output, input, group=group)
+        else:
+            dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group)
+    return output
+
+
+class PendingShift:
+    """An in-flight ring exchange; `wait()` returns the tensor received from the previous rank.
+
+    Its seconds are counted at `wait()`, i.e. only the time the caller was actually blocked
+    (the transfer overlaps whatever ran between the start and the wait).
+    """
+
+    def __init__(self, works, sent: torch.Tensor, received: torch.Tensor, kind: str) -> None:
+        self._works, self._sent, self._received, self._kind = works, sent, received, kind
+
+    def wait(self) -> torch.Tensor:
+        start = time.perf_counter()
+        for work in self._works:
+            work.wait()
+        _seconds[self._kind] += time.perf_counter() - start
+        self._works, self._sent = [], None  # the send buffer may be freed now
+        return self._received
+
+
+def ring_shift(tensor: torch.Tensor, group, *, tag: int = 0, kind: str = "ring_p2p") -> PendingShift:
+    """Asynchronously send `tensor` to the next rank of `group` and receive the previous rank's.
+
+    Ring attention passes K/V blocks (and, in backward, their gradient accumulators) one hop
+    per step with this; `tag` keeps two exchanges in flight between the same ranks apart.
+    The caller must not modify `tensor` before `wait()`.
+    """
+    p = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    tensor = tensor.contiguous()
+    received = torch.empty_like(tensor)
+    nxt = dist.get_global_rank(group, (me + 1) % p) if group is not None else (me + 1) % p
+    prv = dist.get_global_rank(group, (me - 1) % p) if group is not None else (me - 1) % p
+    _bytes[kind] += tensor.numel() * tensor.element_size()
+    _calls[kind] += 1
+    works = [dist.isend(tensor, nxt, group=group, tag=tag), dist.irecv(received, prv, group=group, tag=tag)]
+    return PendingShift(works, tensor, received, kind)

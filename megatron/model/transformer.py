@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.config import ModelConfig
 from megatron.core.sequence_parallel import DistributedAttention
+from megatron.core.sequence_parallel.overlap import ChunkedUlyssesAttention
 from megatron.model.attention_backends import build_local_attention
 from megatron.model.rotary import apply_rotary
 from megatron.model.tiling import tiled_apply
@@ -53,9 +54,11 @@ class SelfAttention(nn.Module):
             local = _Recompute(local)
         self.use_rope = c.position_embedding_type == "rope"
         if sp_group is not None and torch.distributed.get_world_size(sp_group) > 1:
-            # the model checks the shard length once per step, not once per layer
-            self.core_attention = DistributedAttention(local, sp_group, scatter_idx=2, gather_idx=0,
-                                                       check_shapes=False)
+            if c.ulysses_overlap_chunks > 1:
+                self.core_attention = ChunkedUlyssesAttention(local, sp_group, c.ulysses_overlap_chunks)
+            else:  # the model checks the shard length once per step, not once per layer
+                self.core_attention = DistributedAttention(local, sp_group, scatter_idx=2, gather_idx=0,
+                                                           check_shapes=False)
         else:
             self.core_attention = local
 

@@ -15,8 +15,8 @@ from tests.utils import rel_err
 S, B_PER_DP, V = 16, 2, 96
 
 
-def make_config(family, backend="sdpa", recompute=None):
-    common = dict(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=V,
+def make_config(family, backend="sdpa", recompute=None, **extra):
+    common = dict(**extra,num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=V,
                   max_position_embeddings=S, hidden_dropout=0.0, attention_dropout=0.0,
                   attention_backend=backend, recompute_granularity=recompute)
     if family == "gpt3":
@@ -44,10 +44,10 @@ def make_batch(step, batch, masked):
     return tokens, labels, loss_mask, pos, seg
 
 
-def _equivalence(sp, family, masked, backend="sdpa", recompute=None, steps=3):
+def _equivalence(sp, family, masked, backend="sdpa", recompute=None, steps=3, extra=None):
     state = ps.initialize_model_parallel(sequence_parallel_size=sp)
     dp = state.dp_size
-    cfg = make_config(family, backend, recompute)
+    cfg = make_config(family, backend, recompute, **(extra or {}))
     torch.manual_seed(1234)
     ref = GPTModel(cfg)
     torch.manual_seed(1234)
@@ -108,9 +108,13 @@ def test_sequence_parallel_model_equals_single_process(ranks, world, sp, family,
         assert max(errs.values()) < 1e-5, (errs, worst)
 
 
-@pytest.mark.parametrize("backend,recompute", [("classic", None), ("sdpa", "full"), ("sdpa", "selective")])
-def test_backends_and_recompute_keep_equivalence(ranks, backend, recompute):
-    for errs, worst, *_ in ranks(4, _equivalence, 2, "llama", True, backend, recompute, 2):
+@pytest.mark.parametrize("backend,recompute,extra", [
+    ("classic", None, None), ("sdpa", "full", None), ("sdpa", "selective", None),
+    ("sdpa", None, {"ulysses_overlap_chunks": 2}),
+    ("sdpa", "full", {"loss_tile_tokens": 3, "mlp_tiles": 2, "ulysses_overlap_chunks": 2}),
+])
+def test_backends_recompute_tiling_overlap_keep_equivalence(ranks, backend, recompute, extra):
+    for errs, worst, *_ in ranks(4, _equivalence, 2, "llama", True, backend, recompute, 2, extra):
         assert max(errs.values()) < 1e-5, (errs, worst)
 
 
