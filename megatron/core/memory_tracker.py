@@ -1,0 +1,77 @@
+"""Live and peak tensor memory on any device, including the CPU.
+
+On a GPU, `torch.cuda.max_memory_allocated` answers "how much did this step need"; on the
+CPU there is no such counter, and the process RSS mixes in the interpreter, libraries and
+the allocator's caching. This tracker counts the storages that tensor operations create
+while it is active: each new storage adds its size when it appears and subtracts it when
+its last reference dies (torch keeps one Python object per storage, so a weakref
+finalizer fires exactly then). Tensors that existed before (parameters, say) are the
+baseline and are not counted unless registered with `track_existing`.
+
+It sees every tensor an operator returns, forward and backward (autograd runs the
+backward on the calling thread for CPU tensors), not scratch buffers private to a kernel.
+That is the same notion as the CUDA caching allocator's "allocated" bytes, so estimates
+validated here carry over.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Use as a context manager; read `.peak` and `.live` (bytes) afterwards or inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def _track(self, t: torch.Tensor) -> None:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # e.g. sparse or meta tensors
+            return
+        key = id(storage)
+        nbytes = storage.nbytes()
+        if key in self._seen or nbytes == 0 or t.device.type == "meta":
+            return
+        self._seen.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def track_existing(self, tensors) -> None:
+        """Count already existing tensors (e.g. parameters) as live memory from now on."""
+        for t in tensors:
+            self._track(t)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # views and in-place results share an input's storage: not an allocation (and an
+        # untracked baseline tensor must not start counting because a view of it appeared)
+        inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and _storage_key(t) not in inputs:
+                self._track(t)
+        return out
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        return id(t.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return None
