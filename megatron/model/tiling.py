@@ -48,8 +48,9 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
         for i in range(0, hidden.shape[0], tile):
             h = hidden[i:i + tile]
             logits = (h @ w.t()).float()  # [t, V]
-            # d loss_i / d logits_i = softmax(logits_i) - onehot(label_i), scaled by the incoming grad
-            probs = torch.exp(logits - lse[i:i + tile, None])
+            # d loss_i / d logits_i = softmax(logits_i) - onehot(label_i), scaled by the incoming
+            # grad; computed in place so a tile costs one [t, V] buffer
+            probs = logits.sub_(lse[i:i + tile, None]).exp_()
             probs[torch.arange(h.shape[0], device=h.device), labels[i:i + tile]] -= 1.0
             probs *= grad_losses[i:i + tile, None].float()
             if grad_hidden is not None:

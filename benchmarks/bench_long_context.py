@@ -1,0 +1,148 @@
+"""Peak memory per rank against sequence length, with and without sequence tiling.
+
+Two gloo ranks (SP = 2) train one step of a small Llama-style model at N = 4k .. 64k tokens
+under several memory settings. Peak memory is measured exactly with
+`megatron.core.memory_tracker.MemoryTracker` (bytes of live tensors, the CPU analogue of
+`torch.cuda.max_memory_allocated`), above the parameters and optimizer state.
+
+Prints a table, the longest N whose step fits a memory budget per setting, and writes a
+plot to docs/long_context_memory.png (needs matplotlib). The communication volumes of
+Ulysses, Ring and the hybrid are printed by benchmarks/bench_sp_comm.py.
+
+    python benchmarks/bench_long_context.py [--seqs 4096,8192,16384,32768,65536 --budget-mib 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from megatron.config import ModelConfig  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.memory_tracker import MemoryTracker  # noqa: E402
+from megatron.model import GPTModel  # noqa: E402
+from megatron.model.loss import global_token_count, loss_for_backward  # noqa: E402
+
+SETTINGS = {
+    "baseline": {},
+    "tiled loss": {"loss_tile_tokens": 1024},
+    "tiled loss+MLP": {"loss_tile_tokens": 1024, "mlp_tiles": 8},
+    "tiled + full recompute": {"loss_tile_tokens": 1024, "mlp_tiles": 8, "recompute_granularity": "full"},
+}
+
+
+def model_config(**extra) -> ModelConfig:
+    return ModelConfig.llama(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=4,
+                             ffn_hidden_size=512, vocab_size=8192, max_position_embeddings=1 << 20,
+                             hidden_dropout=0.0, attention_dropout=0.0, attention_backend="sdpa", **extra)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, world, port, seqs, settings, out_q):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    state = parallel_state.initialize_model_parallel(sequence_parallel_size=world)
+    rows = []
+    for name in settings:
+        cfg = model_config(**SETTINGS[name])
+        torch.manual_seed(0)
+        model = GPTModel(cfg, state)
+        for n in seqs:
+            sl = n // world
+            g = torch.Generator().manual_seed(n)
+            tokens = torch.randint(0, cfg.vocab_size, (1, n), generator=g)[:, rank * sl:(rank + 1) * sl]
+            labels = torch.randint(0, cfg.vocab_size, (1, n), generator=g)[:, rank * sl:(rank + 1) * sl]
+            mask = torch.ones(1, sl)
+            model.zero_grad(set_to_none=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            with MemoryTracker() as mem:
+                count = global_token_count(mask, state.sp_group)
+                loss = loss_for_backward(model(tokens, labels=labels), mask, count, world)
+                loss.backward()
+            dist.barrier()
+            rows.append((name, n, mem.peak, time.perf_counter() - t0))
+            if rank == 0:
+                print(f"  {name:24s} N={n:6d} peak {mem.peak / 2**20:8.1f} MiB  {rows[-1][3]:.1f} s", flush=True)
+    if rank == 0:
+        out_q.put(rows)
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", default="4096,8192,16384,32768,65536")
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--budget-mib", type=float, default=1024.0)
+    ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "long_context_memory.png"))
+    args = ap.parse_args(argv)
+    seqs = [int(s) for s in args.seqs.split(",")]
+    settings = [s for s in args.settings.split(",") if s]
+    cfg = model_config()
+    print(f"# SP=2 on CPU (gloo), Llama-style: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads, ffn {cfg.ffn_hidden_size}, vocab {cfg.vocab_size}, fp32, "
+          "one training step (forward + backward), peak live tensor bytes per rank above the weights")
+    q = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_rank, args=(2, _port(), seqs, settings, q), nprocs=2, join=True, start_method="spawn")
+    rows = q.get()
+    peak = {(name, n): p for name, n, p, _ in rows}
+    secs = {(name, n): t for name, n, _, t in rows}
+    print("\n| N | " + " | ".join(f"{s} MiB" for s in settings) + " |")
+    print("|---|" + "---|" * len(settings))
+    for n in seqs:
+        print(f"| {n} | " + " | ".join(f"{peak[(s, n)] / 2**20:.0f}" for s in settings) + " |")
+    print("\n| N | " + " | ".join(f"{s} s/step" for s in settings) + " |")
+    print("|---|" + "---|" * len(settings))
+    for n in seqs:
+        print(f"| {n} | " + " | ".join(f"{secs[(s, n)]:.1f}" for s in settings) + " |")
+    budget = args.budget_mib * 2**20
+    print(f"\nlongest measured N whose step fits {args.budget_mib:.0f} MiB per rank:")
+    for s in settings:
+        fits = [n for n in seqs if peak[(s, n)] <= budget]
+        print(f"  {s:24s} {max(fits) if fits else 'none'}")
+    _plot(args.plot, seqs, settings, peak, budget)
+
+
+def _plot(path, seqs, settings, peak, budget):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot written; pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for s in settings:
+        ax.plot(seqs, [peak[(s, n)] / 2**20 for n in seqs], marker="o", label=s)
+    ax.axhline(budget / 2**20, color="grey", linestyle="--", linewidth=1, label="budget")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("sequence length N (tokens, SP = 2)")
+    ax.set_ylabel("peak activation memory per rank (MiB)")
+    ax.set_title("One training step, tiny Llama, CPU")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+if __name__ == "__main__":
+    main()
