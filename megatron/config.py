@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
-ATTENTION_BACKENDS = ("classic", "sdpa", "flash-attn")
+ATTENTION_BACKENDS = ("classic", "sdpa", "flash-attn", "triton")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 
 

@@ -12,7 +12,9 @@ Masks, in Megatron's convention so ported code keeps its meaning:
 * `segment_ids`: `[b, s]` document ordinals of the full sequence; a query attends only
   to keys of its own document (runs of equal ids), on top of causality.
 
-`classic` is the reference (explicit fp32 softmax, any mask); `sdpa` is
+`classic` is the reference (explicit fp32 softmax, any mask); `triton` is the project's
+own FlashAttention-2 kernel (megatron/model/triton_attention.py, GPU or TRITON_INTERPRET=1);
+`sdpa` is
 `torch.nn.functional.scaled_dot_product_attention` with the causal fast path and
 per-document calls for `segment_ids` (O(N) memory, no N x N mask); `flash-attn` uses
 the `flash_attn` package on CUDA.
@@ -201,10 +203,18 @@ def import_flash_attn():
 BACKENDS = {cls.name: cls for cls in (ClassicAttention, SDPAttention, FlashAttnAttention)}
 
 
+def _triton_backend():
+    from megatron.model.triton_attention import TritonAttention  # imports triton lazily
+
+    return TritonAttention
+
+
 def build_local_attention(name: str, **kwargs) -> LocalAttention:
-    """Instantiate a backend by name (`classic`, `sdpa`, `flash-attn`)."""
+    """Instantiate a backend by name (`classic`, `sdpa`, `flash-attn`, `triton`)."""
+    if name == "triton":
+        return _triton_backend()(**kwargs)
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS) + ['triton']}")
     return BACKENDS[name](**kwargs)
 
 
@@ -215,4 +225,8 @@ def available_backends() -> list[str]:
         names.append("flash-attn")
     except RuntimeError:
         pass
+    from megatron.model.triton_attention import triton_available
+
+    if triton_available()[0]:
+        names.append("triton")
     return names
