@@ -1,0 +1,186 @@
+"""Export a project checkpoint as a Hugging Face model directory, on one process.
+
+    python tools/checkpoint/convert_to_hf.py --load CKPT_DIR --output HF_DIR [--tokenizer-model tok.model]
+
+GPT-3 style models become `GPT2LMHeadModel`, Llama style ones `LlamaForCausalLM`
+(safetensors + config.json). The architecture comes from the config stored in the
+checkpoint, so no model flags are needed. config.json keeps the padded vocab size
+(`--make-vocab-size-divisible-by` at training time): the extra rows are never produced
+by the tokenizer, and keeping them makes the export bitwise lossless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+if __package__ in (None, ""):  # run as a script: make `megatron` and `tools` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megatron.checkpoint_conversion import ConversionError, to_hf
+from tools.checkpoint.convert_to_torch import (
+    DTYPES,
+    add_load_args,
+    check_against_model,
+    load_project_checkpoint,
+)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def shard_state_dict(state_dict: dict, max_shard_bytes: int) -> list[dict]:
+    """Consecutive groups of tensors of at most `max_shard_bytes` each (a bigger tensor gets its own)."""
+    shards, current, size = [], {}, 0
+    for name, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_hf_directory(out_dir: str, hf_state_dict: dict, hf_config: dict,
+                       max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """safetensors (one file, or shards + index as `save_pretrained` writes) and config.json."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    os.makedirs(out_dir, exist_ok=True)
+    shards = shard_state_dict(hf_state_dict, max_shard_bytes)
+    written = []
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for t in hf_state_dict.values())
+        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        written.append(SAFETENSORS_INDEX)
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        written.append(name)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+    written.append("config.json")
+    return written
+
+
+def copy_tokenizer(out_dir: str, tokenizer_model: str | None = None, tokenizer_json: str | None = None,
+                   vocab_file: str | None = None, merge_file: str | None = None) -> list[str]:
+    """Copy the tokenizer files under the names Hugging Face looks for, plus a tokenizer_config.json.
+
+    The tokenizer class is only declared, not converted: a SentencePiece model is named
+    LlamaTokenizer (which reads tokenizer.model), GPT-2 BPE files GPT2Tokenizer, and a
+    tokenizer.json PreTrainedTokenizerFast.
+    """
+    copies, cls = [], None
+    if tokenizer_model:
+        copies.append((tokenizer_model, "tokenizer.model", "--tokenizer-model"))
+        cls = "LlamaTokenizer"
+    if vocab_file or merge_file:
+        if not (vocab_file and merge_file):
+            raise ConversionError("GPT-2 BPE tokenizers need both --vocab-file and --merge-file; pass both")
+        copies += [(vocab_file, "vocab.json", "--vocab-file"), (merge_file, "merges.txt", "--merge-file")]
+        cls = cls or "GPT2Tokenizer"
+    if tokenizer_json:
+        copies.append((tokenizer_json, "tokenizer.json", "--tokenizer-json"))
+        cls = "PreTrainedTokenizerFast"  # the fast tokenizer is complete on its own; prefer it
+    for src, _, flag in copies:
+        if not os.path.isfile(src):
+            raise ConversionError(f"{flag} {src} does not exist; pass the tokenizer file used for training")
+    written = []
+    for src, dst, _ in copies:
+        shutil.copyfile(src, os.path.join(out_dir, dst))
+        written.append(dst)
+    if cls is not None:
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": cls, "add_bos_token": False, "add_eos_token": False}, f, indent=2)
+        written.append("tokenizer_config.json")
+    return written
+
+
+def tokenizer_from_run_config(run_config: dict | None) -> dict:
+    """Tokenizer paths recorded at training time, where they still exist on this machine."""
+    data = (run_config or {}).get("data") or {}
+    found = {}
+    for key in ("tokenizer_model", "vocab_file", "merge_file"):
+        path = data.get(key)
+        if path and os.path.isfile(path):
+            found[key] = path
+    if data.get("tokenizer_type") == "HuggingFaceTokenizer" and "tokenizer_model" in found:
+        found["tokenizer_json"] = found.pop("tokenizer_model")  # Megatron passes tokenizer.json there
+    return found
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_load_args(p)
+    p.add_argument("--output", required=True, help="Hugging Face model directory to create (must be empty)")
+    p.add_argument("--dtype", choices=["keep", *DTYPES], default="keep",
+                   help="dtype of the exported weights (default: as stored)")
+    p.add_argument("--tokenizer-model", help="SentencePiece model to copy as tokenizer.model")
+    p.add_argument("--tokenizer-json", help="Hugging Face tokenizer.json to copy")
+    p.add_argument("--vocab-file", help="GPT-2 BPE vocab.json to copy")
+    p.add_argument("--merge-file", help="GPT-2 BPE merges.txt to copy")
+    p.add_argument("--bos-token-id", type=int, help="written to config.json (default: none)")
+    p.add_argument("--eos-token-id", type=int, help="written to config.json (default: none; the EOD id is usual)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
+    args = p.parse_args(argv)
+    try:
+        written = export(args)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {', '.join(written)}")
+    return 0
+
+
+def export(args) -> list[str]:
+    if os.path.isdir(args.output) and os.listdir(args.output):
+        raise ConversionError(f"--output {args.output} exists and is not empty; pass a new directory")
+    ckpt = load_project_checkpoint(args.load, args.iteration)
+    check_against_model(ckpt.state_dict, ckpt.config)
+    dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
+    hf_sd, hf_config = to_hf(ckpt.state_dict, ckpt.config, dtype)
+    if args.bos_token_id is not None:
+        hf_config["bos_token_id"] = args.bos_token_id
+    if args.eos_token_id is not None:
+        hf_config["eos_token_id"] = args.eos_token_id
+    tok = {k: getattr(args, k) for k in ("tokenizer_model", "tokenizer_json", "vocab_file", "merge_file")
+           if getattr(args, k)}
+    if not tok:
+        tok = tokenizer_from_run_config(ckpt.run_config)
+        if tok:
+            print(f"copying the tokenizer recorded in the checkpoint: {tok}")
+    for key, path in tok.items():  # before writing anything, so a typo leaves no half-written directory
+        if not os.path.isfile(path):
+            raise ConversionError(f"--{key.replace('_', '-')} {path} does not exist; pass the tokenizer file "
+                                  f"used for training")
+    written = write_hf_directory(args.output, hf_sd, hf_config, _parse_size(args.max_shard_size))
+    written += copy_tokenizer(args.output, **tok)
+    n = sum(t.numel() for t in hf_sd.values())
+    arch = hf_config["architectures"][0]
+    print(f"{arch}: {n:,} parameters, vocab {hf_config['vocab_size']} (padded at training time), "
+          f"dtype {hf_config.get('dtype', 'mixed')}")
+    return written
+
+
+if __name__ == "__main__":
+    sys.exit(main())
