@@ -1,9 +1,18 @@
-"""Rank topology for Ulysses sequence parallelism (SP) x data parallelism (DP).
+"""Rank topology for sequence parallelism (SP) x data parallelism (DP).
 
 The layout is Megatron-DeepSpeed's: SP groups are blocks of consecutive ranks
 (ranks 0..P-1 share every sample), DP groups are strided by the SP size, and the
 sequence-data-parallel (SDP) group spans both. Parameters are replicated over SDP, so
 gradients and ZeRO sharding use the SDP group.
+
+With ring attention (`ring_attention_size=R > 1`) the SP group of P ranks is a 2-D mesh
+(ring R) x (ulysses U = P/R) with the Ulysses coordinate varying fastest:
+
+    sp_rank = ring_rank * U + ulysses_rank        global rank = dp_rank * P + sp_rank
+
+so every Ulysses group is U consecutive ranks (its two all-to-alls per layer, the bulk of
+the traffic, stay inside a node when U divides the GPUs per node) and ring groups are
+strided by U (their point-to-point K/V exchange is the traffic that crosses nodes).
 
 Project code passes the `ParallelState` object around; the module-level accessors
 exist only so user code written against Megatron-DeepSpeed keeps working.
@@ -25,7 +34,9 @@ class ParallelState:
 
     `mesh` has dims ("dp", "sp") in that order, so the SP coordinate varies fastest
     and SP groups are consecutive ranks. `sdp_mesh` is the 1-D mesh over all ranks of
-    both axes, the one FSDP/DDP replicate and shard over.
+    both axes, the one FSDP/DDP replicate and shard over. `sp2d_mesh` (only when
+    ring_size > 1) has dims ("dp", "ring", "ulysses") and splits each SP group into
+    ring x ulysses, Ulysses fastest (see the module docstring).
     """
 
     world_size: int
@@ -36,6 +47,27 @@ class ParallelState:
     dp_rank: int
     mesh: DeviceMesh
     sdp_mesh: DeviceMesh
+    ring_size: int = 1
+    ring_rank: int = 0
+    sp2d_mesh: DeviceMesh | None = None
+
+    @property
+    def ulysses_size(self) -> int:
+        return self.sp_size // self.ring_size
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.sp_rank % self.ulysses_size
+
+    @property
+    def ulysses_group(self):
+        """The all-to-all group: the whole SP group when there is no ring axis."""
+        return self.sp_group if self.sp2d_mesh is None else self.sp2d_mesh.get_group("ulysses")
+
+    @property
+    def ring_group(self):
+        """The K/V ring; None when ring_size == 1 (no ring axis)."""
+        return None if self.sp2d_mesh is None else self.sp2d_mesh.get_group("ring")
 
     @property
     def sp_group(self):
@@ -54,8 +86,10 @@ class ParallelState:
         return self.sp_size * self.dp_size
 
     def describe(self) -> str:
-        return (f"world={self.world_size} dp={self.dp_size} sp={self.sp_size} "
-                f"(rank {self.rank}: dp_rank={self.dp_rank} sp_rank={self.sp_rank})")
+        ring = (f" = ulysses {self.ulysses_size} x ring {self.ring_size}" if self.ring_size > 1 else "")
+        coords = (f", ulysses_rank={self.ulysses_rank} ring_rank={self.ring_rank}" if self.ring_size > 1 else "")
+        return (f"world={self.world_size} dp={self.dp_size} sp={self.sp_size}{ring} "
+                f"(rank {self.rank}: dp_rank={self.dp_rank} sp_rank={self.sp_rank}{coords})")
 
 
 def sp_group_ranks(world_size: int, sp_size: int) -> list[list[int]]:
@@ -68,18 +102,33 @@ def dp_group_ranks(world_size: int, sp_size: int) -> list[list[int]]:
     return [list(range(offset, world_size, sp_size)) for offset in range(sp_size)]
 
 
+def ulysses_group_ranks(world_size: int, sp_size: int, ring_size: int) -> list[list[int]]:
+    """The Ulysses (all-to-all) groups: blocks of sp_size / ring_size consecutive ranks."""
+    return sp_group_ranks(world_size, sp_size // ring_size)
+
+
+def ring_group_ranks(world_size: int, sp_size: int, ring_size: int) -> list[list[int]]:
+    """The ring groups: inside each SP block, ranks strided by the Ulysses size."""
+    u = sp_size // ring_size
+    return [list(range(block + off, block + sp_size, u))
+            for block in range(0, world_size, sp_size) for off in range(u)]
+
+
 def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     sequence_parallel_size: int = 1,
     *,
+    ring_attention_size: int = 1,
     device_type: str | None = None,
 ) -> ParallelState:
     """Build the SP x DP topology over the already initialised default process group.
 
     Signature-compatible with Megatron-DeepSpeed for the sizes this project supports
-    (tensor and pipeline parallelism must be 1). Returns the `ParallelState` and also
-    records it for the module-level accessors.
+    (tensor and pipeline parallelism must be 1). `ring_attention_size` R splits each SP
+    group into a ring of R Ulysses groups of P/R ranks (R = P: pure ring attention,
+    R = 1: pure Ulysses). Returns the `ParallelState` and also records it for the
+    module-level accessors.
     """
     global _STATE
     if not dist.is_available() or not dist.is_initialized():
@@ -104,14 +153,26 @@ def initialize_model_parallel(
             f"launch a multiple of {sp} processes or choose --ds-sequence-parallel-size among the "
             f"divisors of {world}: {[d for d in range(1, world + 1) if world % d == 0]}"
         )
+    ring = int(ring_attention_size)
+    if ring < 1 or sp % ring:
+        raise ValueError(
+            f"--ring-attention-size ({ring}) must be a positive divisor of "
+            f"--ds-sequence-parallel-size ({sp}): the SP group is split into ring x ulysses with "
+            f"ulysses = sp / ring. Choose among {[d for d in range(1, sp + 1) if sp % d == 0]}"
+        )
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     dp = world // sp
     mesh = init_device_mesh(device_type, (dp, sp), mesh_dim_names=("dp", "sp"))
     sdp_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("sdp",))
+    sp2d_mesh = None
+    if ring > 1:  # row-major (dp, ring, ulysses): the Ulysses coordinate varies fastest
+        sp2d_mesh = init_device_mesh(device_type, (dp, ring, sp // ring),
+                                     mesh_dim_names=("dp", "ring", "ulysses"))
     rank = dist.get_rank()
     state = ParallelState(world_size=world, rank=rank, sp_size=sp, sp_rank=rank % sp,
-                          dp_size=dp, dp_rank=rank // sp, mesh=mesh, sdp_mesh=sdp_mesh)
+                          dp_size=dp, dp_rank=rank // sp, mesh=mesh, sdp_mesh=sdp_mesh,
+                          ring_size=ring, ring_rank=(rank % sp) // (sp // ring), sp2d_mesh=sp2d_mesh)
     _STATE = state
     return state
 
@@ -173,6 +234,30 @@ def get_sequence_data_parallel_rank() -> int:
     return get_parallel_state().rank
 
 
+def get_ring_attention_group():
+    return get_parallel_state().ring_group
+
+
+def get_ring_attention_world_size() -> int:
+    return get_parallel_state().ring_size
+
+
+def get_ring_attention_rank() -> int:
+    return get_parallel_state().ring_rank
+
+
+def get_ulysses_group():
+    return get_parallel_state().ulysses_group
+
+
+def get_ulysses_world_size() -> int:
+    return get_parallel_state().ulysses_size
+
+
+def get_ulysses_rank() -> int:
+    return get_parallel_state().ulysses_rank
+
+
 def sequence_parallel_is_initialized() -> bool:
     return _STATE is not None
 
@@ -195,5 +280,7 @@ __all__ = [
     "get_sequence_parallel_world_size", "get_sequence_parallel_rank", "get_data_parallel_group",
     "get_data_parallel_world_size", "get_data_parallel_rank", "get_sequence_data_parallel_group",
     "get_sequence_data_parallel_world_size", "get_sequence_data_parallel_rank",
-    "sp_group_ranks", "dp_group_ranks",
+    "sp_group_ranks", "dp_group_ranks", "ulysses_group_ranks", "ring_group_ranks",
+    "get_ring_attention_group", "get_ring_attention_world_size", "get_ring_attention_rank",
+    "get_ulysses_group", "get_ulysses_world_size", "get_ulysses_rank",
 ]

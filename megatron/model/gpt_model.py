@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron.config import ModelConfig
 from megatron.core import comm
 from megatron.core.sequence_parallel import check_same_local_shape
+from megatron.core.sequence_parallel.hybrid import sequence_shard_indices
 from megatron.model.rotary import RotaryEmbedding
 from megatron.model.tiling import tiled_cross_entropy
 from megatron.model.transformer import TransformerLayer, build_norm, init_layer_
@@ -51,7 +52,8 @@ class GPTModel(nn.Module):
         self.embedding = Embedding(config)
         self.rotary = (RotaryEmbedding(config.kv_channels, config.rotary_base)
                        if config.position_embedding_type == "rope" else None)
-        self.layers = nn.ModuleList(TransformerLayer(config, sp_group) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config, parallel_state if self.sp_size > 1 else None)
+                                    for _ in range(config.num_layers))
         self.final_norm = build_norm(config)
         self.output_layer = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
                              if config.untie_embeddings_and_output_weights else None)
@@ -97,8 +99,12 @@ class GPTModel(nn.Module):
         return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight
 
     def default_position_ids(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Global positions of this rank's shard: rank r holds `[r*s/p, (r+1)*s/p)`."""
+        """Global positions of this rank's shard: with plain Ulysses rank r holds
+        `[r*s/p, (r+1)*s/p)`; with a ring the zigzag chunks of `sequence_shard_indices`."""
         b, sl = tokens.shape
+        if getattr(self.parallel_state, "ring_size", 1) > 1:
+            idx = sequence_shard_indices(sl * self.sp_size, self.parallel_state, device=tokens.device)
+            return idx.unsqueeze(0).expand(b, sl)
         start = self.sp_rank * sl
         return torch.arange(start, start + sl, device=tokens.device).unsqueeze(0).expand(b, sl)
 

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.config import ModelConfig
 from megatron.core.sequence_parallel import DistributedAttention
+from megatron.core.sequence_parallel.hybrid import build_sequence_parallel_attention
 from megatron.core.sequence_parallel.overlap import ChunkedUlyssesAttention
 from megatron.model.attention_backends import build_local_attention
 from megatron.model.rotary import apply_rotary
@@ -39,8 +40,24 @@ class _Recompute(nn.Module):
         return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
 
 
+def wrap_core_attention(local: nn.Module, config: ModelConfig, parallel_state=None) -> nn.Module:
+    """The local backend alone (no SP), or wrapped for Ulysses, overlapped Ulysses or Ulysses x Ring."""
+    if parallel_state is None or parallel_state.sp_size == 1:
+        return local
+    ring = getattr(parallel_state, "ring_size", 1)
+    if ring > 1:
+        if config.ulysses_overlap_chunks > 1:
+            raise ValueError("--ulysses-overlap-chunks > 1 is not combined with --ring-attention-size > 1 yet; "
+                             "drop one of the two")
+        return build_sequence_parallel_attention(local, parallel_state, check_shapes=False)
+    if config.ulysses_overlap_chunks > 1:
+        return ChunkedUlyssesAttention(local, parallel_state.sp_group, config.ulysses_overlap_chunks)
+    # the model checks the shard length once per step, not once per layer
+    return DistributedAttention(local, parallel_state.sp_group, scatter_idx=2, gather_idx=0, check_shapes=False)
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, sp_group=None) -> None:
+    def __init__(self, config: ModelConfig, parallel_state=None) -> None:
         super().__init__()
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_query_groups, c.kv_channels
@@ -53,14 +70,7 @@ class SelfAttention(nn.Module):
         if c.recompute_granularity == "selective":
             local = _Recompute(local)
         self.use_rope = c.position_embedding_type == "rope"
-        if sp_group is not None and torch.distributed.get_world_size(sp_group) > 1:
-            if c.ulysses_overlap_chunks > 1:
-                self.core_attention = ChunkedUlyssesAttention(local, sp_group, c.ulysses_overlap_chunks)
-            else:  # the model checks the shard length once per step, not once per layer
-                self.core_attention = DistributedAttention(local, sp_group, scatter_idx=2, gather_idx=0,
-                                                           check_shapes=False)
-        else:
-            self.core_attention = local
+        self.core_attention = wrap_core_attention(local, c, parallel_state)
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None,
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,10 +107,10 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, config: ModelConfig, sp_group=None) -> None:
+    def __init__(self, config: ModelConfig, parallel_state=None) -> None:
         super().__init__()
         self.input_norm = build_norm(config)
-        self.attention = SelfAttention(config, sp_group)
+        self.attention = SelfAttention(config, parallel_state)
         self.post_attention_norm = build_norm(config)
         self.mlp = MLP(config)
         self.hidden_dropout = config.hidden_dropout

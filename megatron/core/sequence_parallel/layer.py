@@ -8,8 +8,12 @@ attention untouched. Two differences, both invisible to callers:
 * Q, K and V travel in one all-to-all (one latency instead of three) whenever they share
   sequence length, batch, head dim and dtype, GQA included: the K/V heads of each
   destination rank are packed next to its Q heads.
-* Shapes are validated with clear errors (heads divisible by P, same local sequence
-  length on every rank, 4-D inputs, caller in the group).
+* Head counts need not divide P (see `uneven.py`): with fewer K/V heads than P the K/V
+  heads are replicated just enough (their gradients summed back), and query heads that
+  do not divide P travel with per-rank split sizes. Only heads < P is refused (that cap
+  is what ring attention, `hybrid.py`, lifts).
+* Shapes are validated with clear errors (same local sequence length on every rank,
+  4-D inputs, caller in the group).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from megatron.core import comm
 from megatron.core.sequence_parallel.all_to_all import all_to_all, all_to_all_dim0
+from megatron.core.sequence_parallel.uneven import gather_heads, plan_heads, scatter_heads
 
 _LAYOUTS = {0: "[s/p, b, heads, d]", 1: "[b, s/p, heads, d]"}
 
@@ -81,6 +86,9 @@ class DistributedAttention(nn.Module):
         if p == 1:
             return self.local_attn(query, key, value, *args, **kwargs)
         seq_dim = self.gather_idx
+        plan = plan_heads(query.shape[2], key.shape[2], p)
+        if not plan.even:
+            return self._uneven_forward(plan, query, key, value, *args, **kwargs)
         if self.fuse_qkv and _fusable(query, key, value):
             q, k, v = self._fused_qkv_all_to_all(query, key, value, p)
         else:
@@ -90,6 +98,19 @@ class DistributedAttention(nn.Module):
             out = out.unflatten(-1, (q.shape[2], -1))
         # [s, b, h/p, d] -> [s/p, b, h, d]   (or [b, s, h/p, d] -> [b, s/p, h, d])
         return all_to_all(out, self.spg, scatter_dim=seq_dim, gather_dim=2)
+
+    def _uneven_forward(self, plan, query, key, value, *args, **kwargs):
+        """Ulysses with per-rank head splits and replicated K/V heads (see uneven.py)."""
+        seq_dim = self.gather_idx
+        lists = [plan.q_heads, plan.kv_heads, plan.kv_heads]
+        if self.fuse_qkv and _fusable(query, key, value):
+            q, k, v = scatter_heads([query, key, value], lists, self.spg, seq_dim)
+        else:
+            q, k, v = (scatter_heads([t], [h], self.spg, seq_dim)[0] for t, h in zip((query, key, value), lists))
+        out = self.local_attn(q, k, v, *args, **kwargs)
+        if out.dim() == 3:  # merged heads [.., .., h_me * d] -> [.., .., h_me, d]
+            out = out.unflatten(-1, (q.shape[2], -1))
+        return gather_heads(out, plan.q_heads, self.spg, seq_dim)  # [s/p, b, h, d]
 
     def _fused_qkv_all_to_all(self, q, k, v, p):
         """One all-to-all for Q, K and V: per destination rank, its Q heads then K then V."""
@@ -125,13 +146,17 @@ class DistributedAttention(nn.Module):
                 f"query {tuple(q.shape)} and key {tuple(k.shape)} must have the same local sequence "
                 f"length and batch size in layout {_LAYOUTS[self.gather_idx]}"
             )
-        for name, heads in (("query", q.shape[2]), ("key/value", k.shape[2])):
-            if heads % p:
-                raise ValueError(
-                    f"the number of {name} heads ({heads}) must be divisible by the sequence parallel "
-                    f"size ({p}): each rank attends over a 1/P slice of the heads. Choose "
-                    f"--ds-sequence-parallel-size among the divisors of {heads}"
-                )
+        if q.shape[2] % k.shape[2]:
+            raise ValueError(
+                f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]}) "
+                "(grouped-query attention): check --num-attention-heads and --num-query-groups"
+            )
+        if q.shape[2] < p:
+            raise ValueError(
+                f"the number of query heads ({q.shape[2]}) is smaller than the sequence parallel "
+                f"size ({p}): every Ulysses rank needs at least one head. Lift the cap with "
+                f"--ring-attention-size R so that --ds-sequence-parallel-size / R <= {q.shape[2]}"
+            )
         if self.check_shapes and p > 1:
             check_same_local_shape(q.shape[seq_dim], self.spg)
 
