@@ -41,21 +41,52 @@ def sp_slice_bounds(seq_length: int, sp_rank: int, sp_size: int) -> tuple:
     return sp_rank * n, (sp_rank + 1) * n
 
 
+def sp_token_ranges(seq_length: int, sp_rank: int, sp_size: int, ring_size: int = 1) -> list:
+    """This rank's tokens as contiguous `(start, stop)` ranges of the sample, in local order.
+
+    Plain Ulysses: one block. With a ring (`--ring-attention-size R`), the zigzag layout of
+    `megatron.core.sequence_parallel.hybrid.sequence_shard_indices`: at most two blocks.
+    """
+    if ring_size == 1:
+        return [sp_slice_bounds(seq_length, sp_rank, sp_size)]
+    from megatron.core.sequence_parallel.hybrid import sequence_shard_indices
+
+    idx = sequence_shard_indices(seq_length, sp_size=sp_size, ring_size=ring_size, sp_rank=sp_rank).numpy()
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(idx, breaks)]
+
+
 def get_sp_batch(dataset, sample_indices: Sequence[int], seq_length: int, sp_rank: int, sp_size: int,
                  eod_token: int | None, reset_position_ids: bool = False, reset_attention_mask: bool = False,
-                 eod_mask_loss: bool = False) -> dict:
+                 eod_mask_loss: bool = False, ring_size: int = 1) -> dict:
     """The micro-batch `sample_indices` as this SP rank's tensors (see module docstring).
 
     Returns tokens, labels, position_ids (LongTensor [b, s/p]), loss_mask (FloatTensor
     [b, s/p]) and segment_ids (LongTensor [b, s/p], or None unless reset_attention_mask).
+    With `ring_size > 1` the rank's tokens are its zigzag ranges, concatenated.
     """
     ds_seq = getattr(dataset, "seq_length", seq_length)
     if ds_seq != seq_length:
         raise ValueError(f"dataset was built for --seq-length {ds_seq}, batch asked for {seq_length}")
-    start, stop = sp_slice_bounds(seq_length, sp_rank, sp_size)
     needs_eod = eod_mask_loss or reset_position_ids or reset_attention_mask
     if needs_eod and eod_token is None:
         raise ValueError("eod_token is required with eod_mask_loss / reset_position_ids / reset_attention_mask")
+    parts = [_range_batch(dataset, sample_indices, start, stop, eod_token, needs_eod, reset_position_ids,
+                          reset_attention_mask, eod_mask_loss)
+             for start, stop in sp_token_ranges(seq_length, sp_rank, sp_size, ring_size)]
+    cat = lambda key: np.ascontiguousarray(np.concatenate([p[key] for p in parts], axis=1))  # noqa: E731
+    return {
+        "tokens": torch.from_numpy(cat("tokens")),
+        "labels": torch.from_numpy(cat("labels")),
+        "loss_mask": torch.from_numpy(cat("loss_mask")),
+        "position_ids": torch.from_numpy(cat("position_ids")),
+        "segment_ids": torch.from_numpy(cat("segment_ids")) if reset_attention_mask else None,
+    }
+
+
+def _range_batch(dataset, sample_indices, start, stop, eod_token, needs_eod, reset_position_ids,
+                 reset_attention_mask, eod_mask_loss) -> dict:
+    """Numpy arrays `[b, stop - start]` for tokens [start, stop) of each sample."""
     b, n = len(sample_indices), stop - start
     window = np.empty((b, n + 1), dtype=np.int64)  # inputs [start, stop) and one more for the last label
     for row, idx in enumerate(sample_indices):
@@ -81,20 +112,15 @@ def get_sp_batch(dataset, sample_indices: Sequence[int], seq_length: int, sp_ran
             last_strictly = np.concatenate([last_before[:, None], last_upto[:, :-1]], axis=1)
             last_strictly = np.maximum(last_strictly, last_before[:, None])
             positions = positions - (last_strictly + 1)
-    return {
-        "tokens": torch.from_numpy(np.ascontiguousarray(tokens)),
-        "labels": torch.from_numpy(np.ascontiguousarray(labels)),
-        "loss_mask": torch.from_numpy(loss_mask),
-        "position_ids": torch.from_numpy(np.ascontiguousarray(positions)),
-        "segment_ids": None if segment_ids is None else torch.from_numpy(segment_ids),
-    }
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": positions,
+            "segment_ids": segment_ids}
 
 
 def sp_batch_iterator(dataset, *, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
                       data_parallel_size: int, seq_length: int, sp_rank: int, sp_size: int,
                       eod_token: int | None, reset_position_ids: bool = False,
                       reset_attention_mask: bool = False, eod_mask_loss: bool = False,
-                      total_samples: int | None = None):
+                      total_samples: int | None = None, ring_size: int = 1):
     """Endless-until-exhausted stream of this rank's batches, resuming at `consumed_samples`.
 
     Every rank of an SP group gets the same sample indices (same DP rank) and reads its
@@ -106,7 +132,7 @@ def sp_batch_iterator(dataset, *, consumed_samples: int, micro_batch_size: int, 
                                          data_parallel_size)
     for indices in sampler:
         yield get_sp_batch(dataset, indices, seq_length, sp_rank, sp_size, eod_token,
-                           reset_position_ids, reset_attention_mask, eod_mask_loss)
+                           reset_position_ids, reset_attention_mask, eod_mask_loss, ring_size)
 
 
-__all__ = ["MegatronPretrainingSampler", "get_sp_batch", "sp_batch_iterator", "sp_slice_bounds"]
+__all__ = ["MegatronPretrainingSampler", "get_sp_batch", "sp_batch_iterator", "sp_slice_bounds", "sp_token_ranges"]

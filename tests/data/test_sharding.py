@@ -222,3 +222,28 @@ def test_blended_dataset_sp_slices(tmp_path):
     parts = [get_sp_batch(blend, idx, 48, r, 4, EOD, True, True, True) for r in range(4)]
     assert torch.equal(torch.cat([x["position_ids"] for x in parts], 1), ref_pos)
     assert torch.equal(torch.cat([x["loss_mask"] for x in parts], 1), ref_loss)
+
+
+@pytest.mark.parametrize("sp,ring", [(2, 2), (4, 2), (4, 4), (8, 2), (6, 3)])
+def test_ring_zigzag_slices_match_sequence_shard_indices(tmp_path, sp, ring):
+    """With a ring each rank reads its zigzag ranges; they equal the full sample indexed by
+    the model's `sequence_shard_indices`, masks and positions included."""
+    from megatron.core.sequence_parallel.hybrid import sequence_shard_indices
+    from megatron.data.sharding import sp_token_ranges
+
+    seq = 48
+    flags = dict(reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
+    ds = make_data(tmp_path, "interior", seq=seq)
+    idx = list(range(len(ds)))
+    full = torch.stack([torch.from_numpy(ds[i]["text"]) for i in idx])
+    tokens, labels = full[:, :-1], full[:, 1:]
+    ref_mask, ref_loss, ref_pos = ltor_masks_and_position_ids(tokens, EOD, **flags)
+    whole = get_sp_batch(ds, idx, seq, 0, 1, EOD, **flags)
+    for r in range(sp):
+        shard = sequence_shard_indices(seq, sp_size=sp, ring_size=ring, sp_rank=r)
+        assert len(sp_token_ranges(seq, r, sp, ring)) <= 2
+        got = get_sp_batch(ds, idx, seq, r, sp, EOD, ring_size=ring, **flags)
+        assert torch.equal(got["tokens"], tokens[:, shard]) and torch.equal(got["labels"], labels[:, shard])
+        assert torch.equal(got["loss_mask"], ref_loss[:, shard])
+        assert torch.equal(got["position_ids"], ref_pos[:, shard])
+        assert torch.equal(got["segment_ids"], whole["segment_ids"][:, shard])
