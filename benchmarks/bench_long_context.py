@@ -6,8 +6,9 @@ under several memory settings. Peak memory is measured exactly with
 `torch.cuda.max_memory_allocated`), above the parameters and optimizer state.
 
 Prints a table, the longest N whose step fits a memory budget per setting, and writes a
-plot to docs/long_context_memory.png (needs matplotlib). The communication volumes of
-Ulysses, Ring and the hybrid are printed by benchmarks/bench_sp_comm.py.
+plot to docs/long_context_memory.png (needs matplotlib), then runs
+benchmarks/bench_sp_comm.py for the communication volume and step time of Ulysses, Ring
+and the hybrid at the same (N, P) against their formulas.
 
     python benchmarks/bench_long_context.py [--seqs 4096,8192,16384,32768,65536 --budget-mib 1024]
 """
@@ -90,6 +91,9 @@ def main(argv=None):
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--budget-mib", type=float, default=1024.0)
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "long_context_memory.png"))
+    ap.add_argument("--comm-seq-lens", default="2048 4096",
+                    help="also print Ulysses / ring / hybrid bytes per rank vs formulas at P=4 "
+                         "(benchmarks/bench_sp_comm.py) for these N; empty to skip")
     args = ap.parse_args(argv)
     seqs = [int(s) for s in args.seqs.split(",")]
     settings = [s for s in args.settings.split(",") if s]
@@ -116,6 +120,12 @@ def main(argv=None):
         fits = [n for n in seqs if peak[(s, n)] <= budget]
         print(f"  {s:24s} {max(fits) if fits else 'none'}")
     _plot(args.plot, seqs, settings, peak, budget)
+    if args.comm_seq_lens.strip():
+        import subprocess
+
+        print("\n# communication per rank, Ulysses vs ring vs hybrid at the same (N, P)", flush=True)
+        subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_sp_comm.py"), "--seq-lens",
+                        *args.comm_seq_lens.split()], check=True)
 
 
 def _plot(path, seqs, settings, peak, budget):
