@@ -1,0 +1,516 @@
+"""Per-rank memory of one training step, predicted from the configuration alone.
+
+"Will it fit?" should cost a second on a laptop, not an hour in a GPU queue. The model
+here counts what this code base actually keeps alive, tensor by tensor, as read from
+megatron/model (which tensors autograd saves per layer, which buffers the Ulysses
+all-to-alls allocate, what the loss materialises) and megatron/training (how each ZeRO
+stage stores parameters, gradients and Adam state). It is validated against exact
+measurements of CPU steps (tests/memory/), where `MemoryTracker` counts live tensor bytes
+the way the CUDA caching allocator's "allocated" counter does.
+
+A step's peak is the static state (parameters, gradients, optimizer state) plus the
+largest of four moments of the step:
+
+  forward_end     every layer's saved activations + the logits/loss forward
+  loss_backward   the same + the cross-entropy gradient buffers
+  layer_forward   attention of the last layer: all-to-all buffers and attention workspace
+  layer_backward  the last layer's backward (with full recompute: its recomputed activations)
+
+Precision: parameters, gradients and Adam state are fp32 in every mode (fp32 master
+weights, megatron/training/precision.py); bf16/fp16 run the matmuls under autocast, so
+saved inputs of linear layers and attention are 2 bytes, norms, residual stream and
+softmax statistics stay fp32, and autocast's bf16 copies of the weights are alive while
+they are saved for backward (and, with its weight cache, until the forward ends).
+`device="cuda"` stores dropout masks as bool (1 byte); on CPU they take the dtype's bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megatron.config import ModelConfig
+
+GIB = 2 ** 30
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("cuda", "cpu")
+
+
+def parameter_tensors(model: ModelConfig) -> list[tuple[str, int, int]]:
+    """(name, numel, ndim) of every parameter of `GPTModel(model)`, in registration order.
+
+    ZeRO-1 assigns whole tensors to ranks, so its per-rank optimizer state depends on the
+    tensor sizes, not only on their sum.
+    """
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.kv_channels
+    hq, hkv, v = model.num_attention_heads, model.num_query_groups, model.vocab_size
+    bias = model.add_bias_linear
+    out = [("embedding.word_embeddings.weight", v * h, 2)]
+    if model.position_embedding_type == "learned_absolute":
+        out.append(("embedding.position_embeddings.weight", model.max_position_embeddings * h, 2))
+    norm = [("weight", h, 1)] + ([("bias", h, 1)] if model.normalization == "LayerNorm" else [])
+    fc1 = 2 * f if model.activation == "swiglu" else f
+    qkv = (hq + 2 * hkv) * d
+    linears = [("attention.qkv", qkv, h), ("attention.proj", h, hq * d), ("mlp.fc1", fc1, h), ("mlp.fc2", h, f)]
+    for i in range(model.num_layers):
+        out += [(f"layers.{i}.input_norm.{n}", k, nd) for n, k, nd in norm]
+        for name, rows, cols in linears[:2]:
+            out.append((f"layers.{i}.{name}.weight", rows * cols, 2))
+            if bias:
+                out.append((f"layers.{i}.{name}.bias", rows, 1))
+        out += [(f"layers.{i}.post_attention_norm.{n}", k, nd) for n, k, nd in norm]
+        for name, rows, cols in linears[2:]:
+            out.append((f"layers.{i}.{name}.weight", rows * cols, 2))
+            if bias:
+                out.append((f"layers.{i}.{name}.bias", rows, 1))
+    out += [(f"final_norm.{n}", k, nd) for n, k, nd in norm]
+    if model.untie_embeddings_and_output_weights:
+        out.append(("output_layer.weight", v * h, 2))
+    return out
+
+
+def zero1_partition_max(tensors: list[tuple[str, int, int]], ranks: int) -> int:
+    """Largest per-rank element count under ZeroRedundancyOptimizer's greedy partition.
+
+    It walks each param group (weight-decay matrices, then vectors) largest tensor first
+    and gives each to the least-loaded rank; loads carry over between groups.
+    """
+    loads = [0] * ranks
+    for group in ([t for t in tensors if t[2] >= 2], [t for t in tensors if t[2] < 2]):
+        for _, n, _ in sorted(group, key=lambda t: t[1], reverse=True):
+            i = loads.index(min(loads))
+            loads[i] += n
+    return max(loads)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Sizes of one rank's step; every tensor count below is in elements of these."""
+
+    m: ModelConfig
+    n: int  # sequence length
+    b: int  # micro batch
+    sp: int
+    ring: int
+    act: int  # bytes of a saved matmul/attention activation (2 under autocast)
+    mask: int  # bytes of one hidden-dropout mask element, by device
+    device: str
+
+    @property
+    def ulysses(self) -> int:
+        return self.sp // self.ring
+
+    @property
+    def t(self) -> int:  # tokens this rank holds outside attention
+        return self.b * self.n // self.sp
+
+    @property
+    def na(self) -> int:  # tokens this rank's attention sees (all N for pure Ulysses)
+        return self.b * self.n // self.ring
+
+    @property
+    def hl(self) -> int:  # query heads per rank inside attention
+        return math.ceil(self.m.num_attention_heads / self.ulysses)
+
+    @property
+    def kvl(self) -> int:  # K/V heads per rank (replicated when fewer than the Ulysses degree)
+        return max(1, math.ceil(self.m.num_query_groups / self.ulysses))
+
+    @property
+    def gqa(self) -> bool:
+        return self.hl > self.kvl
+
+    @property
+    def qkv_width(self) -> int:
+        m = self.m
+        return (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
+
+    @property
+    def n_qkv(self) -> int:  # elements of this rank's q, k, v inside attention
+        return self.na * (self.hl + 2 * self.kvl) * self.m.kv_channels
+
+    @property
+    def n_head_out(self) -> int:  # elements of this rank's attention output
+        return self.na * self.hl * self.m.kv_channels
+
+    @property
+    def fc1_width(self) -> int:
+        return 2 * self.m.ffn_hidden_size if self.m.activation == "swiglu" else self.m.ffn_hidden_size
+
+
+def _norm_saved(g: _Geometry) -> int:
+    """What a norm keeps besides its input: LayerNorm mean/rstd; RMSNorm (composed from
+    elementwise ops) rstd and the normalised fp32 tensor."""
+    if g.m.normalization == "LayerNorm":
+        return 8 * g.t
+    return 4 * g.t + 4 * g.t * g.m.hidden_size
+
+
+def _attention_input_storages(g: _Geometry) -> int:
+    """Storages that the q, k, v handed to the local attention live in: the all-to-all
+    receive buffer under Ulysses; otherwise the QKV projection output (v is always a view
+    of it) plus, with RoPE, the new rotated q and k."""
+    m, a = g.m, g.act
+    if g.ulysses > 1:
+        return a * g.n_qkv
+    qkv_out = a * g.t * g.qkv_width
+    if m.position_embedding_type == "rope":
+        return qkv_out + a * g.t * (m.num_attention_heads + m.num_query_groups) * m.kv_channels
+    return qkv_out
+
+
+def _backend_saved_inputs(g: _Geometry) -> int:
+    """What the local attention keeps of q, k, v: flash-attn contiguous copies; sdpa and
+    classic the inputs themselves, with k and v replaced by their repeats under GQA."""
+    m, a = g.m, g.act
+    if m.attention_backend == "flash-attn":
+        return a * g.n_qkv
+    if not g.gqa:
+        return _attention_input_storages(g)
+    reps = 2 * a * g.na * g.hl * m.kv_channels
+    if g.ulysses > 1:
+        return a * g.n_qkv + reps  # q is a view of the receive buffer
+    rope = m.position_embedding_type == "rope"
+    return reps + (a * g.t * m.num_attention_heads * m.kv_channels if rope else a * g.t * g.qkv_width)
+
+
+def _scores(g: _Geometry) -> int:
+    return g.b * g.hl * g.na * g.na  # elements of one [b, h/p, N, N] score matrix
+
+
+def _attention_saved(g: _Geometry, selective: bool) -> dict:
+    """Saved bytes of core attention for one layer: inputs, workspace, output."""
+    m, a = g.m, g.act
+    if selective:  # the checkpoint keeps its inputs; the output is what the projection saves
+        return {"inputs": _attention_input_storages(g), "workspace": 0, "output": 0}
+    lse = 4 * g.b * g.hl * g.na
+    if g.ring > 1:  # ring attention keeps q, k, v as given (GQA expanded per block), out, lse
+        return {"inputs": _attention_input_storages(g), "workspace": lse, "output": a * g.n_head_out}
+    inputs = _backend_saved_inputs(g)
+    if m.attention_backend in ("sdpa", "flash-attn"):
+        return {"inputs": inputs, "workspace": lse, "output": a * g.n_head_out}
+    # classic: fp32 probabilities (+ their bf16 copy under autocast) and the bool causal
+    # mask; under autocast q and k are saved as fp32 copies
+    s = _scores(g)
+    work = 4 * s + (2 * s if a == 2 else 0) + g.na * g.na
+    if a == 2:
+        inputs += 4 * 2 * g.na * g.hl * m.kv_channels
+    if m.attention_dropout > 0:
+        work += s * (1 if g.device == "cuda" else 4) + 4 * s
+    return {"inputs": inputs, "workspace": work, "output": 0}
+
+
+def _proj_input_aliases_output(g: _Geometry) -> bool:
+    """The fused kernels return [b, s, h, d] memory: with one sample and no all-to-all the
+    projection's input is a view of the attention output rather than a copy."""
+    return g.sp == 1 and g.b == 1 and g.m.attention_backend in ("sdpa", "flash-attn")
+
+
+def _mlp_internals(g: _Geometry) -> int:
+    """fc1 output and activation output (GeLU); fc1 output, SiLU output and product (SwiGLU)."""
+    return g.act * g.t * g.m.ffn_hidden_size * (4 if g.m.activation == "swiglu" else 2)
+
+
+def layer_saved(g: _Geometry, recompute: str | None) -> dict:
+    """Bytes one transformer layer keeps for backward, in forward order (input included)."""
+    m, a, t, h = g.m, g.act, g.t, g.m.hidden_size
+    if recompute == "full":
+        return {"layer input": 4 * t * h}
+    attn = _attention_saved(g, selective=recompute == "selective")
+    proj_in = a * t * m.num_attention_heads * m.kv_channels
+    if attn["output"] and _proj_input_aliases_output(g):
+        proj_in = 0
+    mask = g.mask * t * h if m.hidden_dropout > 0 else 0
+    return {
+        "layer input": 4 * t * h,
+        "input norm": _norm_saved(g),
+        "qkv input": a * t * h,
+        "attention inputs": attn["inputs"],
+        "attention workspace": attn["workspace"],
+        "attention output": attn["output"] + proj_in,
+        "residual + norm": mask + 4 * t * h + _norm_saved(g),
+        # tiled MLP: the tile checkpoints keep only the fp32 norm output
+        "mlp": 4 * t * h if m.mlp_tiles > 1 else a * t * h + _mlp_internals(g),
+        "dropout mask": mask,
+    }
+
+
+_BEFORE_CORE = ("layer input", "input norm", "qkv input", "attention inputs")
+
+
+def _layer_forward_peak(g: _Geometry, recompute: str | None) -> int:
+    """Live bytes of the last layer while it runs forward (beyond the earlier layers).
+
+    Two moments: core attention (QKV output, all-to-all buffers, score matrices) and the
+    MLP (its intermediates are Python locals, alive even when nothing is saved).
+    """
+    m, a, t, h = g.m, g.act, g.t, g.m.hidden_size
+    items = layer_saved(g, None if recompute == "full" else recompute)
+    before = sum(items[k] for k in _BEFORE_CORE)
+    qkv_out = a * t * g.qkv_width
+    if g.ulysses > 1:  # QKV output (a local) + packed send buffer + receive buffer
+        core = qkv_out + max(a * g.n_qkv, 2 * a * t * m.num_attention_heads * m.kv_channels)
+    else:
+        core = 0
+    if g.ring > 1:  # K/V block + the one in flight, fp32 output accumulator + one block's output
+        core += 2 * a * 2 * g.na * g.kvl * m.kv_channels + 2 * 4 * g.n_head_out
+    elif m.attention_backend == "classic":
+        core += 2 * 4 * _scores(g) + 2 * g.na * g.na  # scaled and masked scores, the mask
+    elif recompute == "selective" and (m.attention_backend == "flash-attn" or g.gqa):
+        core += _backend_saved_inputs(g)  # the kernel's Q/K/V copies or K/V repeats, during the call
+    core += items["attention workspace"] + items["attention output"]
+    attention = before + core
+    if recompute == "full":  # the layer input, residual, fp32 norm output and one MLP tile's locals
+        mlp = items["layer input"] + items["residual + norm"] + 4 * t * h + _mlp_internals(g) // m.mlp_tiles
+    else:
+        mlp = sum(items.values())
+    return max(attention, mlp + a * t * h)  # + the MLP output
+
+
+def _layer_backward_extra(g: _Geometry, items: dict) -> int:
+    """Bytes beyond the last layer's saved set while it runs backward: the incoming
+    gradient plus, at the MLP or at attention (whichever is larger), the block gradients.
+
+    An input gradient appears as the node's own saved input is released, so the MLP costs
+    one [T, ffn] gradient for GeLU and two for SwiGLU (the product's two factors) above its
+    saved set; attention costs dQ, dK, dV at the kernel's head count and the output
+    gradient, after the MLP's saved tensors are gone.
+    """
+    m, a, t, h = g.m, g.act, g.t, g.m.hidden_size
+    f = m.ffn_hidden_size
+    wgrad_scale = 4 + (2 if a == 2 else 0)  # fp32 weight gradient (+ its bf16 original)
+    tiles = max(1, m.mlp_tiles)
+    tt = math.ceil(t / tiles)
+    mlp = max((2 if m.activation == "swiglu" else 1) * a * tt * f, a * tt * f + wgrad_scale * f * h)
+    if tiles > 1:  # one tile's intermediates are recomputed
+        mlp += _mlp_internals(g) // tiles + a * tt * h
+    kernel_heads = g.hl + 2 * (g.hl if g.gqa and m.attention_backend != "flash-attn" else g.kvl)
+    attn = a * t * m.num_attention_heads * m.kv_channels + a * g.na * kernel_heads * m.kv_channels
+    if g.ring > 1:  # fp32 dQ; K/V and fp32 dK/dV blocks, each with the one in flight; for one
+        # block the kernel's contiguous Q, K, V, dO, O copies and its fp32 gradients
+        kv = 2 * g.na * g.kvl * m.kv_channels
+        block = g.n_head_out + 2 * g.na * g.hl * m.kv_channels
+        attn = a * t * m.num_attention_heads * m.kv_channels + 4 * g.n_head_out + 2 * a * kv + 2 * 4 * kv \
+            + a * (block + 2 * g.n_head_out) + 4 * block
+    if g.ulysses > 1:
+        attn += a * g.n_qkv  # the assembled gradient of the receive buffer
+    if m.attention_backend in ("sdpa", "flash-attn") and g.device == "cuda" and g.ring == 1:
+        attn += 4 * g.n_head_out  # the fp32 dQ accumulator of the flash backward
+    if m.attention_backend == "classic":
+        attn += 2 * 4 * _scores(g)
+    # the QKV projection's backward: its output gradient and its weight gradient
+    attn = max(attn, a * t * g.qkv_width + wgrad_scale * h * g.qkv_width)
+    after_mlp = items.get("mlp", 0) + items.get("residual + norm", 0) + items.get("dropout mask", 0)
+    dx = 4 * t * h
+    return dx + max(mlp, attn - after_mlp)
+
+
+def _loss(g: _Geometry) -> dict:
+    """Final norm, logits and cross-entropy: what is saved, and the forward/backward peaks."""
+    m, a, t, h, v = g.m, g.act, g.t, g.m.hidden_size, g.m.vocab_size
+    saved = 4 * t * h + _norm_saved(g) + 8 * t  # final-norm input and stats, labels
+    tile = m.loss_tile_tokens
+    if tile > 0:
+        tt = min(tile, t)
+        saved += 4 * t * h + 8 * t  # fp32 hidden states, log-sum-exp and losses
+        # a tile's logits are computed while the previous tile's are still referenced;
+        # logsumexp's [tile, V] temporaries are private to the kernel on CPU
+        two = 2 if t > tt else 1
+        fwd = two * 4 * tt * v + (2 * tt * v if a == 2 else 0) + (8 * tt * v if g.device == "cuda" else 0)
+        # grad hidden and fp32 grad weight, then two tiles' logits or one + the weight product
+        bwd = 4 * t * h + 4 * v * h + max(two * 4 * tt * v, 4 * tt * v + 4 * v * h)
+        return {"saved": saved, "forward": fwd, "backward": bwd}
+    saved += a * t * h  # input of the output projection
+    fwd = 4 * t * v + a * t * v + (4 * t * v if a == 2 else 0) + (4 * t * h if a == 2 else 0)
+    bwd = max(12 * t * v,  # log-softmax output + its incoming and outgoing gradients
+              a * t * v + (4 * t * v if a == 2 else 0) + a * t * h + 4 * v * h + (2 * v * h if a == 2 else 0))
+    return {"saved": saved, "forward": fwd, "backward": bwd}
+
+
+def _all_to_all_buffers(g: _Geometry) -> int:
+    """Transient Ulysses buffers of one layer: the packed QKV send buffer (the receive buffer
+    is what attention saves), or the output's send and receive buffers, whichever is larger."""
+    if g.ulysses == 1:
+        return 0
+    m = g.m
+    return g.act * max(g.n_qkv, 2 * g.t * m.num_attention_heads * m.kv_channels)
+
+
+def _embedding_saved(g: _Geometry) -> int:
+    m, t = g.m, g.t
+    out = 8 * t  # position ids
+    if m.hidden_dropout > 0:
+        out += (1 if g.device == "cuda" else 4) * t * m.hidden_size
+    if m.position_embedding_type == "rope":
+        out += 2 * 4 * t * m.kv_channels  # cos and sin, shared by every layer
+    return out
+
+
+def _states(m: ModelConfig, zero_stage: int, sdp: int, tensors) -> dict:
+    """fp32 parameters, fp32 gradients and Adam's two fp32 moments per rank, at rest."""
+    p = sum(n for _, n, _ in tensors)
+    if zero_stage == 1 and sdp > 1:
+        optim = 8 * zero1_partition_max(tensors, sdp)
+    else:
+        optim = 8 * p / (sdp if zero_stage >= 1 else 1)
+    sharded = zero_stage >= 2
+    return {"parameters": 4 * p / sdp if sharded else 4 * p,
+            "gradients": 4 * p / sdp if sharded else 4 * p,
+            "optimizer state": optim}
+
+
+def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: int = 1,
+                    sequence_parallel_size: int = 1, data_parallel_size: int = 1, zero_stage: int = 0,
+                    precision: str = "fp32", device: str = "cuda", ring_attention_size: int = 1,
+                    autocast_weight_cache: bool = True) -> dict:
+    """Bytes one rank needs for a training step of `model` on `seq_length`-token sequences.
+
+    The sequence-data-parallel group that ZeRO shards over has SP x DP ranks. Returns a
+    dict of bytes: the static state (`parameters`, `gradients`, `optimizer_state`), the
+    step's working memory (`activations` as configured and under each recompute mode,
+    `logits_loss`, `all_to_all_buffers`, `attention_workspace`, `backward_workspace`,
+    `gathered_parameters`, `weight_copies`), the total at each moment in `phases`, and
+    `peak` / `peak_phase`; `peak_above_states` is the peak minus the static state, the
+    quantity the CPU validation measures.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    sp, ring, zero = sequence_parallel_size, ring_attention_size, zero_stage
+    if sp < 1 or ring < 1 or sp % ring or data_parallel_size < 1 or micro_batch_size < 1:
+        raise ValueError(f"need SP >= 1, DP >= 1, micro batch >= 1 and ring size dividing SP; got SP={sp}, "
+                         f"ring={ring}, DP={data_parallel_size}, micro batch={micro_batch_size}")
+    if seq_length % sp:
+        raise ValueError(f"seq_length ({seq_length}) must be divisible by the SP size ({sp})")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero}")
+    half = precision != "fp32"
+    act = 2 if half else 4
+    g = _Geometry(m=model, n=seq_length, b=micro_batch_size, sp=sp, ring=ring, act=act,
+                  mask=1 if device == "cuda" else act, device=device)
+    L, h, v = model.num_layers, model.hidden_size, model.vocab_size
+    tensors = parameter_tensors(model)
+    sdp = sp * data_parallel_size
+    states = _states(model, zero, sdp, tensors)
+    static = sum(states.values())
+
+    recompute = model.recompute_granularity
+    per_layer = {mode: layer_saved(g, mode) for mode in (None, "selective", "full")}
+    saved = {mode: sum(items.values()) for mode, items in per_layer.items()}
+    emb = _embedding_saved(g)
+    loss = _loss(g)
+    bwd_x = _layer_backward_extra(g, per_layer[None if recompute == "full" else recompute])
+    stored = emb + L * saved[recompute]
+    # the last layer's backward runs on its full saved set (recomputed under full recompute)
+    full_layer = saved[None] if recompute == "full" else saved[recompute]
+    layer_fwd = _layer_forward_peak(g, recompute)
+
+    # parameters the step holds beyond its shard: FSDP's gathered fp32 copies, gradient
+    # buffers of one layer before its reduce-scatter, autocast's bf16 copies of weights
+    layer_params = sum(n for name, n, _ in tensors if name.startswith("layers.0."))
+    root_params = sum(n for name, n, _ in tensors if not name.startswith("layers."))
+    total_params = sum(n for _, n, _ in tensors)
+    # what autocast casts to bf16: the weights and biases of the four linear layers
+    lin_layer = sum(n for name, n, _ in tensors if name.startswith("layers.0.") and "norm" not in name)
+    if zero == 2:
+        gathered = 4 * total_params
+    elif zero == 3:
+        gathered = 4 * (root_params + min(2, L) * layer_params)
+    else:
+        gathered = 0
+    # FSDP reduce-scatters a layer's gradients after its backward (unsharded gradient +
+    # the flat reduce-scatter input); the root's (embedding/output) wait for the end
+    grad_buffers = 2 * 4 * layer_params if zero >= 2 else 0
+    out_weights = 2 if model.untie_embeddings_and_output_weights else 1
+    root_grads = 4 * out_weights * v * h if zero >= 2 else 0
+    out_copy = 2 * v * h if half and model.loss_tile_tokens == 0 else 0
+    all_copies = 2 * (L * lin_layer + v * h) if half else 0
+    if not half:
+        copies = dict.fromkeys(("forward_end", "loss_backward", "layer_forward", "layer_backward"), 0)
+    elif recompute == "full":
+        cached = autocast_weight_cache
+        copies = {"forward_end": all_copies if cached else out_copy,
+                  "loss_backward": out_copy,
+                  "layer_forward": 2 * L * lin_layer if cached else 2 * lin_layer,
+                  "layer_backward": 2 * lin_layer}
+    else:
+        copies = {"forward_end": all_copies, "loss_backward": L * 2 * lin_layer + out_copy,
+                  "layer_forward": 2 * L * lin_layer, "layer_backward": 2 * L * lin_layer}
+
+    phases = {
+        "forward_end": stored + loss["saved"] + loss["forward"] + copies["forward_end"] + gathered,
+        "loss_backward": stored + loss["saved"] + loss["backward"] + copies["loss_backward"] + gathered
+        + root_grads,
+        "layer_forward": stored - saved[recompute] + layer_fwd + copies["layer_forward"] + gathered,
+        "layer_backward": stored - saved[recompute] + full_layer + bwd_x
+        + copies["layer_backward"] + gathered + grad_buffers + root_grads,
+    }
+    peak_phase = max(phases, key=phases.get)
+    peak = static + phases[peak_phase]
+    # softmax statistics (or score matrices) of every layer that keeps them; with full
+    # recompute, of the one layer being recomputed
+    attn_ws = per_layer[None]["attention workspace"] if recompute == "full" else \
+        per_layer[recompute]["attention workspace"] * L
+    return {
+        "parameters": states["parameters"],
+        "gradients": states["gradients"],
+        "optimizer_state": states["optimizer state"],
+        "gathered_parameters": gathered + (grad_buffers if peak_phase == "layer_backward" else 0)
+        + (root_grads if peak_phase in ("loss_backward", "layer_backward") else 0),
+        "weight_copies": copies[peak_phase],
+        "activations": stored,
+        "activations_no_recompute": emb + L * saved[None],
+        "activations_selective_recompute": emb + L * saved["selective"],
+        "activations_full_recompute": emb + L * saved["full"],
+        "logits_loss": loss["saved"] + max(loss["forward"], loss["backward"]),
+        "all_to_all_buffers": _all_to_all_buffers(g),
+        "attention_workspace": attn_ws,
+        "backward_workspace": bwd_x + (full_layer - saved[recompute]),
+        "per_layer": per_layer[recompute],
+        "phases": {k: static + x for k, x in phases.items()},
+        "peak_phase": peak_phase,
+        "peak": peak,
+        "peak_above_states": phases[peak_phase],
+        "static": static,
+        "num_parameters": total_params,
+        "tokens_per_rank": g.t,
+    }
+
+
+def sequence_granularity(sequence_parallel_size: int, ring_attention_size: int = 1) -> int:
+    """Sequence lengths must be multiples of this: SP shards, and 2R zigzag chunks for a ring."""
+    if ring_attention_size > 1:
+        return math.lcm(sequence_parallel_size, 2 * ring_attention_size)
+    return sequence_parallel_size
+
+
+def largest_seq_length(model: ModelConfig, budget_bytes: float, *, grow_positions: bool = True,
+                       limit: int = 1 << 34, **settings) -> int:
+    """Longest sequence (a multiple of the SP granularity) whose step peak fits `budget_bytes`.
+
+    `grow_positions`: learned absolute positions get `max_position_embeddings = N` (what the
+    scripts do), so their table grows with N. Returns 0 when even the shortest does not fit.
+    """
+    step = sequence_granularity(settings.get("sequence_parallel_size", 1), settings.get("ring_attention_size", 1))
+
+    def peak(n: int) -> float:
+        m = model
+        if grow_positions and m.position_embedding_type == "learned_absolute":
+            m = m.replace(max_position_embeddings=n)
+        return estimate_memory(m, n, **settings)["peak"]
+
+    if peak(step) > budget_bytes:
+        return 0
+    lo, hi = 1, 2  # in units of `step`: lo fits, hi is the first guess that may not
+    while hi * step <= limit and peak(hi * step) <= budget_bytes:
+        lo, hi = hi, hi * 2
+    if hi * step > limit:
+        return lo * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if peak(mid * step) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo * step
