@@ -244,6 +244,7 @@ class TrainConfig:
     eval_iters: int = 10
     seed: int = 1234
     exit_interval: int | None = None
+    exit_signal_handler: bool = False  # on SIGTERM: finish the iteration, save, exit 0
 
     def num_micro_batches(self, data_parallel_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)

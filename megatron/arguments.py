@@ -1,0 +1,577 @@
+"""Megatron-DeepSpeed command-line flags -> one validated `RunConfig`.
+
+Users bring their launch scripts, so flag names are Megatron-LM's and Megatron-DeepSpeed's.
+Everything is checked here, before any process group starts: a wrong combination should
+cost a second and say which flag to change, not a hung NCCL job ten minutes later.
+Flags that only mean something to DeepSpeed's engine or to pipeline code are accepted and
+recorded as notes, so existing scripts run unchanged. The DeepSpeed JSON config
+(`--deepspeed_config`) is read for the values it can set; a value that disagrees with an
+explicit flag is an error rather than a silent override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+
+from megatron.config import (
+    ATTENTION_BACKENDS,
+    LR_DECAY_STYLES,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    LogConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+)
+
+# Flags that DeepSpeed's engine or pipeline code consume; here they have no effect.
+_NO_EFFECT_SWITCHES = {
+    "--deepspeed": "the DeepSpeed engine is replaced by torch-native DDP/ZeRO/FSDP2 (--zero-stage)",
+    "--no-pipeline-parallel": "pipeline parallelism is not implemented; every run is non-pipelined",
+    "--deepspeed-activation-checkpointing": "activation checkpointing is done by torch.utils.checkpoint "
+                                            "(--checkpoint-activations / --recompute-granularity)",
+    "--partition-activations": "DeepSpeed activation partitioning is not implemented",
+    "--contigious-checkpointing": "DeepSpeed contiguous checkpointing is not implemented",
+    "--synchronize-each-layer": "DeepSpeed checkpointing synchronisation is not needed",
+    "--profile-backward": "DeepSpeed backward profiling is not implemented",
+    "--no-async-tensor-model-parallel-allreduce": "there is no tensor parallelism",
+    "--no-gradient-accumulation-fusion": "gradient accumulation fusion is a Megatron CUDA kernel",
+    "--no-masked-softmax-fusion": "softmax runs inside the attention backend",
+    "--no-bias-gelu-fusion": "no fused bias-GeLU kernel is used",
+    "--no-bias-dropout-fusion": "no fused bias-dropout kernel is used",
+    "--no-query-key-layer-scaling": "query-key layer scaling is never applied (softmax runs in fp32)",
+    "--apply-query-key-layer-scaling": "query-key layer scaling is never applied (softmax runs in fp32)",
+    "--override-opt_param-scheduler": "the schedule always comes from the flags",
+    "--use-checkpoint-opt_param-scheduler": "the schedule always comes from the flags",
+    "--accumulate-allreduce-grads-in-fp32": "gradients are always reduced in fp32",
+    "--log-batch-size-to-tensorboard": "the global batch size is always logged",
+    "--log-validation-ppl-to-tensorboard": "validation perplexity is always logged",
+    "--log-optimizer-states-to-tensorboard": "optimizer states are not logged",
+    "--use-mcore-models": "there is one model implementation",
+}
+_NO_EFFECT_VALUES = {
+    "--data-impl": "only the mmap .bin/.idx format exists",
+    "--tensorboard-queue-size": "the TensorBoard writer uses its default queue",
+    "--local_rank": "ranks come from torchrun's environment (RANK, LOCAL_RANK)",
+    "--local-rank": "ranks come from torchrun's environment (RANK, LOCAL_RANK)",
+    "--recompute-method": "recompute applies to every layer (full) or to core attention (selective)",
+    "--recompute-num-layers": "recompute applies to every layer (full) or to core attention (selective)",
+    "--exit-duration-in-mins": "runs stop at --train-iters/--train-samples/--train-tokens",
+    "--num-workers": "batches are assembled in the training process",
+}
+
+_POSITION_ALIASES = {"learned_absolute": "learned_absolute", "absolute": "learned_absolute",
+                     "rope": "rope", "rotary": "rope", "none": "none"}
+_NORM_ALIASES = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
+
+
+def build_parser(extra_args_provider: Callable | None = None) -> argparse.ArgumentParser:
+    """All supported flags. Values a DeepSpeed config may also set default to None (= not given)."""
+    p = argparse.ArgumentParser(description="GPT pretraining with DeepSpeed-Ulysses sequence parallelism",
+                                allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--kv-channels", type=int)
+    g.add_argument("--num-key-value-heads", type=int, help="Megatron-DeepSpeed's name for K/V heads")
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--position-embedding-type", default="learned_absolute", choices=sorted(_POSITION_ALIASES))
+    g.add_argument("--use-rotary-position-embeddings", action="store_true", help="= --position-embedding-type rope")
+    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--rope-theta", type=float, dest="rotary_base", help="alias of --rotary-base")
+    g.add_argument("--normalization", default="LayerNorm", type=lambda s: _NORM_ALIASES.get(s.lower(), s),
+                   choices=["LayerNorm", "RMSNorm"])
+    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--attention-softmax-in-fp32", action="store_true", default=True)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int)
+    g.add_argument("--global-batch-size", type=int)
+    g.add_argument("--rampup-batch-size", nargs="*")
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--train-samples", type=int)
+    g.add_argument("--train-tokens", type=int)
+    g.add_argument("--exit-interval", type=int)
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, finish the current iteration, save a checkpoint to --save and exit 0")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
+    g.add_argument("--lr", type=float)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES)
+    g.add_argument("--lr-decay-iters", type=int)
+    g.add_argument("--lr-decay-samples", type=int)
+    g.add_argument("--lr-decay-tokens", type=int)
+    g.add_argument("--lr-warmup-iters", type=int)
+    g.add_argument("--lr-warmup-fraction", type=float)
+    g.add_argument("--lr-warmup-samples", type=int)
+    g.add_argument("--lr-warmup-tokens", type=int)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float)
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("precision")
+    g.add_argument("--fp16", action="store_true", default=None)
+    g.add_argument("--bf16", action="store_true", default=None)
+    g.add_argument("--loss-scale", type=float)
+    g.add_argument("--initial-loss-scale", type=float)
+    g.add_argument("--min-loss-scale", type=float)
+    g.add_argument("--loss-scale-window", type=int)
+    g.add_argument("--hysteresis", type=int)
+
+    g = p.add_argument_group("parallelism and memory")
+    g.add_argument("--ds-sequence-parallel-size", type=int, default=1)
+    g.add_argument("--zero-stage", type=int)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron's tensor-parallel sequence parallelism (unsupported; Ulysses is "
+                        "--ds-sequence-parallel-size)")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g.add_argument("--checkpoint-activations", action="store_true")
+    g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--use-flash-attn", "--use-flash-attn-v2", dest="use_flash_attn", action="store_true")
+    g.add_argument("--use-flash-attn-triton", action="store_true")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS)
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config")
+    g.add_argument("--tiled-loss-tokens", type=int, default=0,
+                   help="compute logits + cross-entropy in tiles of this many tokens (0: off)")
+    g.add_argument("--tiled-mlp-tiles", type=int, default=1, help="run each MLP over this many sequence tiles")
+    g.add_argument("--offload-activations", "--checkpoint-in-cpu", dest="offload_activations",
+                   action="store_true", help="keep saved activations in host memory (GPU only)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=[])
+    g.add_argument("--split", default="969, 30, 1")
+    g.add_argument("--tokenizer-type")
+    g.add_argument("--vocab-file")
+    g.add_argument("--merge-file")
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--vocab-size", type=int)
+    g.add_argument("--vocab-extra-ids", type=int, default=0)
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--data-cache-path")
+    g.add_argument("--mock-data", action="store_true")
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument("--log-timers-to-tensorboard", action="store_true")
+    g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2])
+    g.add_argument("--log-json", help="append one JSON object per logged event to this file")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true")
+
+    g = p.add_argument_group("accepted without effect (a note is printed)")
+    for flag in _NO_EFFECT_SWITCHES:
+        g.add_argument(flag, action="store_true", dest="noop_" + flag.lstrip("-").replace("-", "_"))
+    for flag in _NO_EFFECT_VALUES:
+        g.add_argument(flag, dest="noop_" + flag.lstrip("-").replace("-", "_"))
+    if extra_args_provider is not None:
+        p = extra_args_provider(p)
+    return p
+
+
+def world_size_from_env() -> int:
+    """World size as torchrun or Slurm will set it (or of the process group that already
+    exists, when runs share processes); 1 for a plain `python pretrain_gpt.py`."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
+               extra_args_provider: Callable | None = None, check_environment: bool = True,
+               padded_vocab_size: int | None = None) -> RunConfig:
+    """Parse and validate flags; raise `ConfigError` naming the flag and the fix.
+
+    `check_environment=False` skips checks of the local machine (flash-attn installed, GPU
+    present) so that a dry run on a login node validates a GPU cluster's configuration.
+    `padded_vocab_size` skips building the tokenizer (tests of flag logic).
+    """
+    parser = build_parser(extra_args_provider)
+    args = parser.parse_args(argv)
+    return config_from_args(args, world_size if world_size is not None else world_size_from_env(),
+                            check_environment=check_environment, padded_vocab_size=padded_vocab_size)
+
+
+def config_from_args(args: argparse.Namespace, world_size: int, check_environment: bool = True,
+                     padded_vocab_size: int | None = None) -> RunConfig:
+    notes = [f"{flag}: accepted, no effect ({why})"
+             for flag, why in {**_NO_EFFECT_SWITCHES, **_NO_EFFECT_VALUES}.items()
+             if getattr(args, "noop_" + flag.lstrip("-").replace("-", "_"), None) not in (None, False)]
+    if args.deepspeed_config:
+        notes += apply_deepspeed_config(args, args.deepspeed_config, world_size)
+    args.notes = notes
+    _fill_defaults(args)
+    _validate_parallel(args, world_size)
+    _validate_model_flags(args)
+    dp = world_size // args.ds_sequence_parallel_size
+    _resolve_batch(args, dp)
+    _validate_precision_and_backend(args, check_environment)
+    data = _data_config(args)
+    train = _train_config(args)
+    optim = _optim_config(args, train)
+    vocab = padded_vocab_size if padded_vocab_size is not None else _padded_vocab_size(data)
+    model = _model_config(args, vocab)
+    parallel = ParallelConfig(sequence_parallel_size=args.ds_sequence_parallel_size,
+                              zero_stage=args.zero_stage, distributed_backend=args.distributed_backend,
+                              distributed_timeout_minutes=args.distributed_timeout_minutes)
+    ckpt = CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
+                            no_save_optim=args.no_save_optim, no_load_optim=args.no_load_optim)
+    log = LogConfig(log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
+                    tensorboard_log_interval=args.tensorboard_log_interval,
+                    log_timers_to_tensorboard=args.log_timers_to_tensorboard, log_json=args.log_json,
+                    timing_log_level=args.timing_log_level)
+    return RunConfig(model=model, parallel=parallel, data=data, optim=optim, train=train,
+                     checkpoint=ckpt, log=log, world_size=world_size, notes=tuple(notes))
+
+
+# ----------------------------------------------------------------------------- DeepSpeed JSON
+
+def apply_deepspeed_config(args: argparse.Namespace, path: str, world_size: int) -> list:
+    """Copy batch sizes, ZeRO stage, precision and clipping from a DeepSpeed JSON into `args`.
+
+    A key that an explicit flag also sets must agree with it; "auto" values are skipped.
+    Returns notes about keys that have no meaning here.
+    """
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--deepspeed_config {path}: cannot read the file ({e}); fix the path") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path}: not valid JSON ({e})") from e
+
+    def take(flag: str, dest: str, value, convert=lambda v: v) -> None:
+        if value is None or value == "auto":
+            return
+        value = convert(value)
+        given = getattr(args, dest)
+        if given is not None and given != value:
+            raise ConfigError(f"{flag} {given} conflicts with {value} in --deepspeed_config {path}; "
+                              f"remove one of them or make them equal")
+        setattr(args, dest, value)
+
+    fp16, bf16 = ds.get("fp16", {}) or {}, ds.get("bf16", {}) or {}
+    take("--global-batch-size", "global_batch_size", ds.get("train_batch_size"), int)
+    take("--micro-batch-size", "micro_batch_size", ds.get("train_micro_batch_size_per_gpu"), int)
+    take("--zero-stage", "zero_stage", (ds.get("zero_optimization") or {}).get("stage"), int)
+    take("--clip-grad", "clip_grad", ds.get("gradient_clipping"), float)
+    # A disabled section says nothing unless a flag turned the mode on.
+    if "enabled" in fp16 and (fp16["enabled"] or args.fp16):
+        take("--fp16", "fp16", bool(fp16["enabled"]))
+    if "enabled" in bf16 and (bf16["enabled"] or args.bf16):
+        take("--bf16", "bf16", bool(bf16["enabled"]))
+    if fp16.get("enabled"):
+        if fp16.get("loss_scale", 0):
+            take("--loss-scale", "loss_scale", fp16["loss_scale"], float)
+        if "initial_scale_power" in fp16:
+            take("--initial-loss-scale", "initial_loss_scale", 2.0 ** fp16["initial_scale_power"], float)
+        take("--loss-scale-window", "loss_scale_window", fp16.get("loss_scale_window"), int)
+        take("--hysteresis", "hysteresis", fp16.get("hysteresis"), int)
+        take("--min-loss-scale", "min_loss_scale", fp16.get("min_loss_scale"), float)
+    gas = ds.get("gradient_accumulation_steps")
+    if gas not in (None, "auto") and args.micro_batch_size and args.global_batch_size:
+        dp = max(1, world_size // max(1, args.ds_sequence_parallel_size))
+        if args.micro_batch_size * int(gas) * dp != args.global_batch_size:
+            raise ConfigError(
+                f"--deepspeed_config {path}: gradient_accumulation_steps={gas} x micro batch "
+                f"{args.micro_batch_size} x data-parallel size {dp} != global batch {args.global_batch_size}; "
+                f"fix gradient_accumulation_steps or drop it (it is derived from the batch sizes)")
+    used = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+            "zero_optimization", "fp16", "bf16", "gradient_clipping"}
+    return [f"--deepspeed_config {path}: key '{k}' ignored (no meaning without the DeepSpeed engine)"
+            for k in ds if k not in used]
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _fill_defaults(a: argparse.Namespace) -> None:
+    """Defaults for flags a DeepSpeed config may set (they parse as None so conflicts are visible)."""
+    defaults = dict(zero_stage=0, clip_grad=1.0, fp16=False, bf16=False, initial_loss_scale=2.0 ** 32,
+                    min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2, micro_batch_size=1)
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.distributed_backend is None:
+        a.distributed_backend = "nccl" if _cuda_available() else "gloo"
+
+
+def _validate_parallel(a: argparse.Namespace, world: int) -> None:
+    sp = a.ds_sequence_parallel_size
+    if a.tensor_model_parallel_size != 1 or a.pipeline_model_parallel_size != 1:
+        raise ConfigError(
+            "--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: this framework "
+            "parallelises with Ulysses SP x ZeRO data parallelism; use --ds-sequence-parallel-size and "
+            "--zero-stage instead")
+    if a.sequence_parallel:
+        raise ConfigError("--sequence-parallel is Megatron's tensor-parallel sequence parallelism, which "
+                          "is not supported; for Ulysses use --ds-sequence-parallel-size N")
+    if sp < 1:
+        raise ConfigError(f"--ds-sequence-parallel-size must be >= 1, got {sp}")
+    if sp > world:
+        raise ConfigError(f"--ds-sequence-parallel-size ({sp}) is larger than the world size ({world}); "
+                          f"launch at least {sp} processes or lower --ds-sequence-parallel-size")
+    if world % sp:
+        raise ConfigError(f"--ds-sequence-parallel-size ({sp}) must divide the world size ({world}); "
+                          f"launch a multiple of {sp} processes or pick a divisor of {world}")
+    if a.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {a.zero_stage}")
+    if a.rampup_batch_size is not None:
+        raise ConfigError("--rampup-batch-size is not supported: drop it and use a constant --global-batch-size")
+
+
+def _validate_model_flags(a: argparse.Namespace) -> None:
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(a, flag) is None:
+            raise ConfigError(f"--{flag.replace('_', '-')} is required")
+    sp = a.ds_sequence_parallel_size
+    if a.max_position_embeddings is None:
+        a.max_position_embeddings = a.seq_length
+    if a.use_rotary_position_embeddings:
+        a.position_embedding_type = "rope"
+    a.position_embedding_type = _POSITION_ALIASES[a.position_embedding_type]
+    if a.position_embedding_type == "learned_absolute" and a.seq_length > a.max_position_embeddings:
+        raise ConfigError(f"--seq-length ({a.seq_length}) must be <= --max-position-embeddings "
+                          f"({a.max_position_embeddings}) with learned absolute positions; raise "
+                          f"--max-position-embeddings")
+    if a.num_key_value_heads is not None and a.num_query_groups is not None \
+            and a.num_key_value_heads != a.num_query_groups:
+        raise ConfigError(f"--num-key-value-heads ({a.num_key_value_heads}) and --num-query-groups "
+                          f"({a.num_query_groups}) name the same thing and disagree; pass one of them")
+    groups = a.num_key_value_heads if a.num_key_value_heads is not None else a.num_query_groups
+    if groups is None and a.group_query_attention:
+        groups = 1  # Megatron-LM's default for --group-query-attention alone
+    a.num_query_groups = groups
+    if a.num_attention_heads % sp:
+        raise ConfigError(f"--num-attention-heads ({a.num_attention_heads}) must be divisible by "
+                          f"--ds-sequence-parallel-size ({sp}): each SP rank attends with heads/SP whole "
+                          f"heads; change the head count or the SP size")
+    kv_heads = a.num_query_groups or a.num_attention_heads
+    if kv_heads % sp:
+        raise ConfigError(f"--num-query-groups/--num-key-value-heads ({kv_heads}) must be divisible by "
+                          f"--ds-sequence-parallel-size ({sp}): Ulysses scatters K/V heads over the SP "
+                          f"ranks too; use more K/V groups or a smaller SP size")
+    if a.seq_length % sp:
+        raise ConfigError(f"--seq-length ({a.seq_length}) must be divisible by --ds-sequence-parallel-size "
+                          f"({sp}): each SP rank holds seq/SP consecutive tokens; pad --seq-length to a "
+                          f"multiple of {sp}")
+    if a.checkpoint_activations and a.recompute_granularity == "selective" or \
+            a.recompute_activations and a.recompute_granularity == "full":
+        raise ConfigError("--checkpoint-activations means --recompute-granularity full and "
+                          "--recompute-activations means selective; pass only one of them")
+    if a.checkpoint_activations:
+        a.recompute_granularity = "full"
+    elif a.recompute_activations:
+        a.recompute_granularity = "selective"
+
+
+def _resolve_batch(a: argparse.Namespace, dp: int) -> None:
+    mbs = a.micro_batch_size
+    if mbs < 1:
+        raise ConfigError(f"--micro-batch-size must be >= 1, got {mbs}")
+    if a.global_batch_size is None:
+        a.global_batch_size = mbs * dp
+    if a.global_batch_size % (mbs * dp):
+        raise ConfigError(
+            f"--global-batch-size ({a.global_batch_size}) must be divisible by --micro-batch-size ({mbs}) x "
+            f"data-parallel size ({dp} = world / --ds-sequence-parallel-size) = {mbs * dp}; e.g. use "
+            f"--global-batch-size {max(1, a.global_batch_size // (mbs * dp)) * mbs * dp}")
+    gbs, tokens = a.global_batch_size, a.global_batch_size * a.seq_length
+    if a.train_iters is not None and a.train_samples is not None:
+        raise ConfigError("--train-iters and --train-samples are mutually exclusive; pass one of them")
+    limits = [x for x in (a.train_iters,
+                          None if a.train_samples is None else a.train_samples // gbs,
+                          None if a.train_tokens is None else math.ceil(a.train_tokens / tokens)) if x is not None]
+    if not limits:
+        raise ConfigError("one of --train-iters, --train-samples or --train-tokens is required")
+    a.train_iters = min(limits)  # with --train-tokens, training stops at whichever limit comes first
+    if a.train_iters < 1:
+        raise ConfigError(f"the run would train {a.train_iters} iterations; raise --train-iters/"
+                          f"--train-samples/--train-tokens (one step is {gbs} samples, {tokens} tokens)")
+    decay = [(f, v) for f, v in (("--lr-decay-iters", a.lr_decay_iters),
+                                 ("--lr-decay-samples", _ceil_div(a.lr_decay_samples, gbs)),
+                                 ("--lr-decay-tokens", _ceil_div(a.lr_decay_tokens, tokens))) if v is not None]
+    if len(decay) > 1:
+        raise ConfigError(f"{' and '.join(f for f, _ in decay)} all set the decay length; pass one of them")
+    a.lr_decay_steps = decay[0][1] if decay else a.train_iters
+    warm = [(f, v) for f, v in (("--lr-warmup-iters", a.lr_warmup_iters),
+                                ("--lr-warmup-fraction", None if a.lr_warmup_fraction is None
+                                 else int(a.lr_warmup_fraction * a.lr_decay_steps)),
+                                ("--lr-warmup-samples", _ceil_div(a.lr_warmup_samples, gbs)),
+                                ("--lr-warmup-tokens", _ceil_div(a.lr_warmup_tokens, tokens))) if v is not None]
+    if len(warm) > 1:
+        raise ConfigError(f"{' and '.join(f for f, _ in warm)} all set the warmup length; pass one of them")
+    a.lr_warmup_steps = warm[0][1] if warm else 0
+    if a.lr_decay_style != "constant" and a.lr_warmup_steps > a.lr_decay_steps:
+        raise ConfigError(f"warmup ({a.lr_warmup_steps} steps) is longer than decay ({a.lr_decay_steps} "
+                          f"steps); shorten the warmup or lengthen --lr-decay-iters/-samples/-tokens")
+
+
+def _validate_precision_and_backend(a: argparse.Namespace, check_environment: bool) -> None:
+    if a.fp16 and a.bf16:
+        raise ConfigError("--fp16 and --bf16 are mutually exclusive: pass at most one of them")
+    if a.lr is None:
+        raise ConfigError("--lr is required (the peak learning rate, e.g. --lr 3e-4)")
+    backend = a.attention_backend
+    wanted = "flash-attn" if a.use_flash_attn else "triton" if a.use_flash_attn_triton else None
+    if a.use_flash_attn and a.use_flash_attn_triton:
+        raise ConfigError("--use-flash-attn(-v2) and --use-flash-attn-triton choose different kernels; pass one")
+    if wanted and backend and backend != wanted:
+        raise ConfigError(f"--attention-backend {backend} contradicts the flash-attention flag (which means "
+                          f"--attention-backend {wanted}); pass one of them")
+    a.attention_backend = wanted or backend or "sdpa"
+    if not check_environment:
+        return
+    if a.attention_backend == "flash-attn" and not (_has_module("flash_attn") and _cuda_available()):
+        raise ConfigError("--use-flash-attn / --use-flash-attn-v2 / --attention-backend flash-attn need the "
+                          "flash_attn package and a CUDA GPU "
+                          f"(flash_attn installed: {_has_module('flash_attn')}, GPU: {_cuda_available()}); "
+                          "install flash-attn on a GPU node or drop the flag (the default sdpa backend "
+                          "runs everywhere)")
+    if a.attention_backend == "triton":
+        from megatron.model.triton_attention import triton_available  # noqa: PLC0415
+
+        usable, why = triton_available()
+        if not usable:
+            raise ConfigError(f"--use-flash-attn-triton / --attention-backend triton need triton and a CUDA GPU "
+                              f"(or TRITON_INTERPRET=1 for a slow CPU check): {why}; drop the flag to use the "
+                              f"default sdpa backend")
+    if a.distributed_backend == "nccl" and not _cuda_available():
+        raise ConfigError("--distributed-backend nccl needs CUDA GPUs; use --distributed-backend gloo on CPU")
+    if (a.fp16 or a.bf16) and not _cuda_available():
+        pass  # allowed (tests exercise it); it is slow: CPU half-precision matmul is ~250x slower than fp32
+
+
+def _data_config(a: argparse.Namespace) -> DataConfig:
+    if not a.mock_data and not a.data_path:
+        raise ConfigError("--data-path is required (a preprocessed prefix, or 'W1 P1 W2 P2' to blend); "
+                          "use --mock-data for synthetic tokens")
+    if a.mock_data and a.tokenizer_type is None and a.vocab_size is None:
+        raise ConfigError("--mock-data without --tokenizer-type needs --vocab-size (NullTokenizer)")
+    if not a.mock_data and a.tokenizer_type is None:
+        raise ConfigError("--tokenizer-type is required with --data-path (e.g. GPT2BPETokenizer, "
+                          "SentencePieceTokenizer, HuggingFaceTokenizer)")
+    return DataConfig(seq_length=a.seq_length, data_path=tuple(a.data_path), split=a.split,
+                      tokenizer_type=a.tokenizer_type or "NullTokenizer", vocab_file=a.vocab_file,
+                      merge_file=a.merge_file, tokenizer_model=a.tokenizer_model, vocab_size=a.vocab_size,
+                      vocab_extra_ids=a.vocab_extra_ids, make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+                      reset_position_ids=a.reset_position_ids, reset_attention_mask=a.reset_attention_mask,
+                      eod_mask_loss=a.eod_mask_loss, data_cache_path=a.data_cache_path, mock_data=a.mock_data)
+
+
+def _train_config(a: argparse.Namespace) -> TrainConfig:
+    for flag in ("eval_interval", "log_interval"):
+        if getattr(a, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if a.eval_iters < 0:
+        raise ConfigError(f"--eval-iters must be >= 0, got {a.eval_iters}")
+    return TrainConfig(micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
+                       train_iters=a.train_iters, eval_interval=a.eval_interval, eval_iters=a.eval_iters,
+                       seed=a.seed, exit_interval=a.exit_interval, exit_signal_handler=a.exit_signal_handler)
+
+
+def _optim_config(a: argparse.Namespace, train: TrainConfig) -> OptimConfig:
+    if a.fp16 and a.loss_scale is None and a.initial_loss_scale < a.min_loss_scale:
+        raise ConfigError(f"--initial-loss-scale ({a.initial_loss_scale}) must be >= --min-loss-scale "
+                          f"({a.min_loss_scale})")
+    if a.hysteresis < 1 or a.loss_scale_window < 1:
+        raise ConfigError("--hysteresis and --loss-scale-window must be >= 1")
+    return OptimConfig(lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style,
+                       lr_decay_steps=a.lr_decay_steps, lr_warmup_steps=a.lr_warmup_steps,
+                       weight_decay=a.weight_decay, adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2,
+                       adam_eps=a.adam_eps, clip_grad=a.clip_grad, fp16=a.fp16, bf16=a.bf16,
+                       loss_scale=a.loss_scale, initial_loss_scale=a.initial_loss_scale,
+                       min_loss_scale=a.min_loss_scale, loss_scale_window=a.loss_scale_window,
+                       hysteresis=a.hysteresis)
+
+
+def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    ffn = a.ffn_hidden_size
+    if ffn is None and a.swiglu:
+        ffn = int(4 * a.hidden_size * 2 / 3 / 64) * 64 or 4 * a.hidden_size  # Megatron-LM's SwiGLU width
+    return ModelConfig(
+        num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
+        vocab_size=vocab_size, max_position_embeddings=a.max_position_embeddings, ffn_hidden_size=ffn,
+        num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
+        position_embedding_type=a.position_embedding_type, rotary_base=a.rotary_base,
+        normalization=a.normalization, norm_epsilon=a.norm_epsilon,
+        activation="swiglu" if a.swiglu else "gelu", add_bias_linear=not a.disable_bias_linear,
+        untie_embeddings_and_output_weights=a.untie_embeddings_and_output_weights,
+        init_method_std=a.init_method_std, hidden_dropout=a.hidden_dropout,
+        attention_dropout=a.attention_dropout, attention_backend=a.attention_backend,
+        attention_softmax_in_fp32=a.attention_softmax_in_fp32, recompute_granularity=a.recompute_granularity,
+        loss_tile_tokens=a.tiled_loss_tokens, mlp_tiles=a.tiled_mlp_tiles, offload_activations=a.offload_activations)
+
+
+def _padded_vocab_size(data: DataConfig) -> int:
+    from megatron.data.tokenizers import TokenizerError  # noqa: PLC0415 (only when a vocab is needed)
+
+    try:
+        return build_tokenizer(data).padded_vocab_size
+    except (TokenizerError, OSError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def build_tokenizer(data: DataConfig):
+    """The tokenizer named by the data flags (cheap: files are small, nothing downloads)."""
+    from megatron.data.tokenizers import build_tokenizer as _build  # noqa: PLC0415
+
+    return _build(data.tokenizer_type, vocab_file=data.vocab_file, merge_file=data.merge_file,
+                  tokenizer_model=data.tokenizer_model, vocab_size=data.vocab_size,
+                  make_vocab_size_divisible_by=data.make_vocab_size_divisible_by,
+                  vocab_extra_ids=data.vocab_extra_ids)
+
+
+def _ceil_div(x: int | None, d: int) -> int | None:
+    return None if x is None else math.ceil(x / d)
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _cuda_available() -> bool:
+    import torch  # noqa: PLC0415 (keep `--help` fast)
+
+    return torch.cuda.is_available()

@@ -1,0 +1,107 @@
+"""Start torch.distributed from the launcher's environment, build the SP x DP topology, seed.
+
+Launchers supported: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
+srun without torchrun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR and
+MASTER_PORT must be exported by the batch script), and a plain `python pretrain_gpt.py`
+(a one-process world on a free local port). Calling it when a process group already
+exists reuses it, so several runs can share one set of processes (tests do this).
+
+On CPU each rank uses one intra-op thread unless OMP_NUM_THREADS says otherwise: ranks
+are already one per core, and oversubscribing cores makes every collective wait for the
+slowest, descheduled rank.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.config import RunConfig
+
+
+@dataclass
+class RuntimeContext:
+    """What `initialize_megatron` set up: the topology object and the device of this rank."""
+
+    parallel_state: object  # megatron.core.parallel_state.ParallelState
+    device: torch.device
+    local_rank: int
+
+
+def _env_int(*names: str, default: int | None = None) -> int | None:
+    for n in names:
+        if os.environ.get(n):
+            return int(os.environ[n])
+    return default
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_distributed(backend: str, timeout_minutes: float = 10.0) -> tuple[int, int, int]:
+    """Init (or reuse) the default process group; returns (rank, world_size, local_rank)."""
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    timeout = timedelta(minutes=timeout_minutes)
+    if world == 1 and not os.environ.get("MASTER_ADDR"):
+        init = f"tcp://127.0.0.1:{_free_port()}"
+    else:
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(var):
+                raise RuntimeError(
+                    f"{var} is not set: launch with torchrun, or export MASTER_ADDR (the first node's "
+                    f"host name) and MASTER_PORT (a free port) before srun")
+        init = "env://"
+    dist.init_process_group(backend=backend, init_method=init, rank=rank, world_size=world, timeout=timeout)
+    return rank, world, local_rank
+
+
+def set_cpu_threads() -> int:
+    """One intra-op thread per rank on CPU unless OMP_NUM_THREADS is set."""
+    n = _env_int("OMP_NUM_THREADS", default=1)
+    torch.set_num_threads(n)
+    return n
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def initialize_megatron(cfg: RunConfig) -> RuntimeContext:
+    """Distributed init + topology + seeds, after the flags were validated."""
+    from megatron.core.parallel_state import initialize_model_parallel  # noqa: PLC0415
+
+    backend = cfg.parallel.distributed_backend
+    rank, world, local_rank = initialize_distributed(backend, cfg.parallel.distributed_timeout_minutes)
+    if world != cfg.world_size:
+        raise RuntimeError(f"flags were validated for world size {cfg.world_size} but {world} processes "
+                           f"started; launch exactly {cfg.world_size} ranks (WORLD_SIZE)")
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        set_cpu_threads()
+    ps = initialize_model_parallel(sequence_parallel_size=cfg.parallel.sequence_parallel_size,
+                                   device_type=device.type)
+    # Identical seed everywhere: replicas must be initialised identically (parameters are
+    # replicated over SP x DP and FSDP shards each rank's own copy). Dropout streams are
+    # re-seeded per rank by the training loop after the model is built.
+    set_seed(cfg.train.seed)
+    return RuntimeContext(parallel_state=ps, device=device, local_rank=local_rank)

@@ -1,0 +1,115 @@
+"""`pretrain(cfg)`: initialise, build model/optimizer/data, train, evaluate, save.
+
+The model and data are built by providers (`model_provider(cfg, parallel_state)`,
+`data_provider(cfg, parallel_state, consumed_samples)`) so that `pretrain_gpt.py`
+stays a few lines and tests or new model types can swap either one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import torch
+
+from megatron.config import RunConfig
+from megatron.core import comm
+from megatron.initialize import initialize_megatron, set_seed
+from megatron.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron.training.distributed import wrap_model, zero_formula_bytes
+from megatron.training.metrics import RunLogger
+from megatron.training.optimizer import build_optimizer
+from megatron.training.training import Trainer
+
+
+def default_model_provider(cfg: RunConfig, parallel_state) -> torch.nn.Module:
+    from megatron.model import GPTModel  # noqa: PLC0415
+
+    return GPTModel(cfg.model, parallel_state)
+
+
+def default_data_provider(cfg: RunConfig, parallel_state, consumed_samples: int):
+    from megatron.training.data_iterators import build_data_iterators  # noqa: PLC0415
+
+    return build_data_iterators(cfg, parallel_state, consumed_samples)
+
+
+def pretrain(cfg: RunConfig, model_provider: Callable | None = None,
+             data_provider: Callable | None = None, trainer_hook: Callable | None = None) -> dict:
+    """Train as configured; returns a summary (losses, memory, evaluation results).
+
+    `trainer_hook(trainer)` runs after everything is built, before the first step
+    (tests use it to inject gradient overflows).
+    """
+    ctx = initialize_megatron(cfg)
+    ps, device = ctx.parallel_state, ctx.device
+    logger = RunLogger(cfg.log, cfg.train.train_iters, enabled=ps.rank == 0)
+    try:
+        return _pretrain(cfg, ps, device, logger, model_provider or default_model_provider,
+                         data_provider or default_data_provider, trainer_hook)
+    finally:
+        logger.close()
+        from megatron.core.parallel_state import destroy_model_parallel  # noqa: PLC0415
+
+        destroy_model_parallel()
+
+
+def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_hook) -> dict:
+    for note in cfg.notes:
+        logger.print(f"note: {note}")
+    logger.print(f"> {ps.describe()} | zero stage {cfg.parallel.zero_stage} | micro batch "
+                 f"{cfg.train.micro_batch_size} x {cfg.num_micro_batches} accumulation x dp {ps.dp_size} = global "
+                 f"batch {cfg.train.global_batch_size} | {cfg.tokens_per_step} tokens per step | "
+                 f"{cfg.optim.dtype_name} | threads {torch.get_num_threads()}")
+    model = model_provider(cfg, ps).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    # Same seed everywhere built identical replicas; from here on the RNG drives dropout,
+    # which must differ between ranks that hold different tokens or heads.
+    set_seed(cfg.train.seed + 1 + ps.rank)
+    model = wrap_model(model, cfg.parallel.zero_stage, ps, device)
+    optimizer, opt_name = build_optimizer(model, cfg.optim, cfg.parallel.zero_stage, ps)
+    logger.print(f"> model: {num_params:,} parameters | optimizer: {opt_name} | attention backend: "
+                 f"{cfg.model.attention_backend} | recompute: {cfg.model.recompute_granularity}")
+    logger.event("config", world_size=cfg.world_size, sp=ps.sp_size, dp=ps.dp_size,
+                 zero_stage=cfg.parallel.zero_stage, num_params=num_params, optimizer=opt_name,
+                 train_iters=cfg.train.train_iters, global_batch_size=cfg.train.global_batch_size,
+                 seq_length=cfg.data.seq_length, dtype=cfg.optim.dtype_name)
+    trainer = Trainer(cfg=cfg, model=model, optimizer=optimizer, parallel_state=ps, device=device, logger=logger)
+    if cfg.checkpoint.load:
+        it, consumed = load_checkpoint(cfg.checkpoint.load, model, optimizer, trainer.scaler,
+                                       load_optim=not cfg.checkpoint.no_load_optim, log=logger.print)
+        trainer.state.iteration, trainer.state.consumed_samples = it, consumed
+        trainer.state.applied_steps = it  # skipped steps are not stored; the schedule resumes at `it`
+    train_iter, valid_batches, test_batches = data_provider(cfg, ps, trainer.state.consumed_samples)
+    if trainer_hook is not None:
+        trainer_hook(trainer)
+
+    def save(t: Trainer) -> None:
+        save_checkpoint(cfg.checkpoint.save, t.state.iteration, t.state.consumed_samples, t.model, t.optimizer,
+                        t.scaler, save_optim=not cfg.checkpoint.no_save_optim, log=logger.print)
+
+    state = trainer.train(train_iter, valid_batches, save_fn=save if cfg.checkpoint.save else None)
+    summary = {"iteration": state.iteration, "losses": state.history, "skipped_iters": state.skipped_iters}
+    memory = trainer.memory_report()
+    per_rank = comm.all_gather_object(memory, group=ps.sdp_group) if ps.sdp_size > 1 else [memory]
+    expected = zero_formula_bytes(num_params, cfg.parallel.zero_stage, ps.sdp_size)
+    summary["memory"], summary["memory_formula"] = memory, expected
+    logger.event("memory", rank=ps.rank, **memory, **{f"formula_{k}": v for k, v in expected.items()},
+                 per_rank=per_rank, largest_param_numel=max(p.numel() for p in model.parameters()))
+    logger.print("> bytes per rank, max over ranks (measured / ZeRO formula): " + ", ".join(
+        f"{k.replace('_bytes', '')} {max(m[k] for m in per_rank) / 2**20:.2f} / {expected[k] / 2**20:.2f} MiB"
+        for k in memory))
+    if state.stopped_by_signal:  # checkpoint written by the loop; leave quickly and cleanly
+        logger.event("done", iteration=state.iteration, stopped_by_signal=True)
+        return summary
+    if test_batches is not None and cfg.train.eval_iters > 0:
+        loss = trainer.evaluate(test_batches())
+        summary["test_loss"] = loss
+        logger.evaluation("test", state.iteration, loss, state.consumed_samples,
+                          state.consumed_samples * cfg.data.seq_length)
+    if cfg.checkpoint.save:
+        save(trainer)
+    logger.event("done", **{k: v for k, v in summary.items() if k != "losses"})
+    logger.print("> done: " + json.dumps({"iterations": state.iteration, "skipped": state.skipped_iters,
+                                           "final_lm_loss": state.history[-1] if state.history else None}))
+    return summary

@@ -1,0 +1,1 @@
+"""Tests of the training stack: flags, schedule, precision, ZeRO engines, end-to-end runs."""
