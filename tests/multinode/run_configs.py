@@ -1,0 +1,27 @@
+"""Run pretrain_gpt.main() for several flag sets in ONE torchrun job (the single-host references).
+
+    torchrun --standalone --nproc-per-node 4 tests/multinode/run_configs.py CONFIGS.json
+
+CONFIGS.json is a list of argv lists. Starting 4 ranks costs ~10 s on 2 cores; the
+references of every case share one start (pretrain_gpt.main reuses the process group).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import pretrain_gpt  # noqa: E402
+
+
+def main(path: str) -> int:
+    for argv in json.loads(Path(path).read_text()):
+        code = pretrain_gpt.main(argv)
+        if code:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
