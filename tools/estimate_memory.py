@@ -67,8 +67,9 @@ def _estimator_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
               "the head count, up to heads x ring size")
     _add(g, parser, "--estimate-device", choices=["cuda", "cpu"], default="cuda",
          help="cuda (bool dropout masks, flash kernels' scratch) or cpu (what tests/memory measures)")
-    _add(g, parser, "--no-autocast-weight-cache", action="store_true",
-         help="assume autocast(cache_enabled=False): bf16 weight copies are not kept to the end of forward")
+    _add(g, parser, "--autocast-weight-cache", action="store_true",
+         help="assume torch.autocast's weight cache is on (the training stack turns it off): a bf16 copy "
+              "of every weight is kept to the end of forward")
     _add(g, parser, "--padded-vocab-size", type=int, help="vocabulary size to use instead of building the tokenizer")
     _add(g, parser, "--json", action="store_true", help="print the breakdown as JSON")
     return parser
@@ -154,7 +155,7 @@ def estimate_settings(cfg: RunConfig, args: argparse.Namespace) -> dict:
                 data_parallel_size=cfg.world_size // cfg.parallel.sequence_parallel_size,
                 zero_stage=cfg.parallel.zero_stage, precision=cfg.optim.dtype_name,
                 device=args.estimate_device, ring_attention_size=args.ring_attention_size,
-                autocast_weight_cache=not args.no_autocast_weight_cache)
+                autocast_weight_cache=args.autocast_weight_cache)
 
 
 def _row(label: str, x: float) -> str:
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"torch.autocast's weight cache keeps a bf16 copy of every weight until the forward "
                          f"ends ({est['weight_copies'] / GIB:.2f} GiB here, unsharded even under ZeRO-3); with "
                          f"autocast(cache_enabled=False) the peak would be {uncached['peak'] / GIB:.2f} GiB "
-                         f"(--no-autocast-weight-cache)")
+                         f"(the training stack's default; drop --autocast-weight-cache)")
     if args.sweep_seq:
         print()
         print(sweep(cfg, settings, args.sweep_seq, budget, largest))

@@ -29,9 +29,11 @@ def global_token_count(loss_masks: torch.Tensor | Iterable[torch.Tensor], group=
     """
     if isinstance(loss_masks, torch.Tensor):
         loss_masks = [loss_masks]
-    count = torch.zeros((), dtype=torch.float64)
+    loss_masks = list(loss_masks)
+    # count on the masks' device: NCCL reduces only GPU tensors
+    count = torch.zeros((), dtype=torch.float64, device=loss_masks[0].device if loss_masks else "cpu")
     for m in loss_masks:
-        count += m.double().sum().cpu()
+        count += m.double().sum()
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         comm.all_reduce(count, group=group, kind="all_reduce_tokens")
     if count.item() == 0:
