@@ -64,7 +64,6 @@ _NO_EFFECT_VALUES = {
     "--local-rank": "ranks come from torchrun's environment (RANK, LOCAL_RANK)",
     "--recompute-method": "recompute applies to every layer (full) or to core attention (selective)",
     "--recompute-num-layers": "recompute applies to every layer (full) or to core attention (selective)",
-    "--exit-duration-in-mins": "runs stop at --train-iters/--train-samples/--train-tokens",
     "--num-workers": "batches are assembled in the training process",
 }
 
@@ -112,6 +111,8 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--train-samples", type=int)
     g.add_argument("--train-tokens", type=int)
     g.add_argument("--exit-interval", type=int)
+    g.add_argument("--exit-duration-in-mins", type=float,
+                   help="after this many minutes of training, save a checkpoint to --save and exit 0")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, finish the current iteration, save a checkpoint to --save and exit 0")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
@@ -143,6 +144,11 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
 
     g = p.add_argument_group("parallelism and memory")
     g.add_argument("--ds-sequence-parallel-size", type=int, default=1)
+    g.add_argument("--ring-attention-size", type=int, default=1,
+                   help="ring degree R inside the SP group: Ulysses over SP/R ranks x ring attention over R "
+                        "(lifts the heads >= SP cap; R = SP is pure ring attention)")
+    g.add_argument("--ulysses-overlap-chunks", type=int, default=1,
+                   help="pipeline Ulysses over this many head chunks so all-to-alls overlap attention")
     g.add_argument("--zero-stage", type=int)
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -195,6 +201,12 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--save-interval", type=int)
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load only the model weights from --load; iteration, optimizer, scaler and RNG start fresh")
+    g.add_argument("--keep-last-checkpoints", type=int, metavar="K",
+                   help="after each save, delete all but the K newest iter_* directories under --save")
 
     g = p.add_argument_group("accepted without effect (a note is printed)")
     for flag in _NO_EFFECT_SWITCHES:
@@ -254,10 +266,10 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
     vocab = padded_vocab_size if padded_vocab_size is not None else _padded_vocab_size(data)
     model = _model_config(args, vocab)
     parallel = ParallelConfig(sequence_parallel_size=args.ds_sequence_parallel_size,
+                              ring_attention_size=args.ring_attention_size,
                               zero_stage=args.zero_stage, distributed_backend=args.distributed_backend,
                               distributed_timeout_minutes=args.distributed_timeout_minutes)
-    ckpt = CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
-                            no_save_optim=args.no_save_optim, no_load_optim=args.no_load_optim)
+    ckpt = _checkpoint_config(args, check_environment)
     log = LogConfig(log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
                     tensorboard_log_interval=args.tensorboard_log_interval,
                     log_timers_to_tensorboard=args.log_timers_to_tensorboard, log_json=args.log_json,
@@ -383,19 +395,33 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
     if groups is None and a.group_query_attention:
         groups = 1  # Megatron-LM's default for --group-query-attention alone
     a.num_query_groups = groups
-    if a.num_attention_heads % sp:
-        raise ConfigError(f"--num-attention-heads ({a.num_attention_heads}) must be divisible by "
-                          f"--ds-sequence-parallel-size ({sp}): each SP rank attends with heads/SP whole "
-                          f"heads; change the head count or the SP size")
+    ring = a.ring_attention_size
+    if ring < 1 or sp % ring:
+        raise ConfigError(f"--ring-attention-size ({ring}) must divide --ds-sequence-parallel-size ({sp}): "
+                          f"the SP group is Ulysses (SP/R ranks) x ring (R ranks)")
+    ulysses = sp // ring
+    if a.num_attention_heads < ulysses:
+        raise ConfigError(f"--num-attention-heads ({a.num_attention_heads}) must be >= the Ulysses degree "
+                          f"(--ds-sequence-parallel-size / --ring-attention-size = {ulysses}): each Ulysses rank "
+                          f"attends with at least one head; add --ring-attention-size "
+                          f"{_smallest_ring(sp, a.num_attention_heads)} to put the rest of the SP group in a ring")
+    granularity = 2 * sp if ring > 1 else sp
+    if a.seq_length % granularity:
+        raise ConfigError(f"--seq-length ({a.seq_length}) must be divisible by {granularity} "
+                          f"({'2 x ' if ring > 1 else ''}--ds-sequence-parallel-size {sp}): each SP rank holds "
+                          f"an equal share{' of the 2R zigzag chunks' if ring > 1 else ''}; pad --seq-length to a "
+                          f"multiple of {granularity}")
+    if ring > 1 and a.attention_dropout:
+        raise ConfigError(f"--ring-attention-size > 1 does not support attention dropout (got "
+                          f"--attention-dropout {a.attention_dropout}); pass --attention-dropout 0")
+    chunks = a.ulysses_overlap_chunks
     kv_heads = a.num_query_groups or a.num_attention_heads
-    if kv_heads % sp:
-        raise ConfigError(f"--num-query-groups/--num-key-value-heads ({kv_heads}) must be divisible by "
-                          f"--ds-sequence-parallel-size ({sp}): Ulysses scatters K/V heads over the SP "
-                          f"ranks too; use more K/V groups or a smaller SP size")
-    if a.seq_length % sp:
-        raise ConfigError(f"--seq-length ({a.seq_length}) must be divisible by --ds-sequence-parallel-size "
-                          f"({sp}): each SP rank holds seq/SP consecutive tokens; pad --seq-length to a "
-                          f"multiple of {sp}")
+    if chunks < 1:
+        raise ConfigError(f"--ulysses-overlap-chunks must be >= 1, got {chunks}")
+    if chunks > 1 and (ring > 1 or a.num_attention_heads % (sp * chunks) or kv_heads % (sp * chunks)):
+        raise ConfigError(f"--ulysses-overlap-chunks {chunks} needs --ring-attention-size 1 and both the "
+                          f"query heads ({a.num_attention_heads}) and K/V heads ({kv_heads}) divisible by "
+                          f"SP x chunks = {sp * chunks}; lower the chunk count")
     if a.checkpoint_activations and a.recompute_granularity == "selective" or \
             a.recompute_activations and a.recompute_granularity == "full":
         raise ConfigError("--checkpoint-activations means --recompute-granularity full and "
@@ -404,6 +430,10 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
         a.recompute_granularity = "full"
     elif a.recompute_activations:
         a.recompute_granularity = "selective"
+
+
+def _smallest_ring(sp: int, heads: int) -> int:
+    return next((r for r in range(1, sp + 1) if sp % r == 0 and sp // r <= heads), sp)
 
 
 def _resolve_batch(a: argparse.Namespace, dp: int) -> None:
@@ -508,7 +538,28 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"--eval-iters must be >= 0, got {a.eval_iters}")
     return TrainConfig(micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
                        train_iters=a.train_iters, eval_interval=a.eval_interval, eval_iters=a.eval_iters,
-                       seed=a.seed, exit_interval=a.exit_interval, exit_signal_handler=a.exit_signal_handler)
+                       seed=a.seed, exit_interval=a.exit_interval, exit_signal_handler=a.exit_signal_handler,
+                       exit_duration_in_mins=a.exit_duration_in_mins)
+
+
+def _checkpoint_config(a: argparse.Namespace, check_environment: bool) -> CheckpointConfig:
+    for flag in ("save_interval", "keep_last_checkpoints", "exit_interval"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if a.exit_duration_in_mins is not None and a.exit_duration_in_mins < 0:
+        raise ConfigError(f"--exit-duration-in-mins must be >= 0, got {a.exit_duration_in_mins}")
+    if a.finetune and not a.load:
+        raise ConfigError("--finetune loads weights from --load; pass --load DIR (a --save directory or the "
+                          "output of tools/checkpoint/convert_from_hf.py --dcp DIR)")
+    # A resubmitted job passes the same directory to --save and --load, which does not exist on
+    # its first run; any other missing --load is a typo that must not silently train from scratch.
+    if check_environment and a.load and not os.path.exists(a.load) and \
+            os.path.abspath(a.load) != os.path.abspath(a.save or ""):
+        raise ConfigError(f"--load {a.load}: no such directory; pass the --save directory of an earlier run "
+                          f"(it holds latest_checkpointed_iteration.txt), or drop --load to start from scratch")
+    return CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, no_save_optim=a.no_save_optim,
+                            no_load_optim=a.no_load_optim, no_save_rng=a.no_save_rng, no_load_rng=a.no_load_rng,
+                            finetune=a.finetune, keep_last=a.keep_last_checkpoints)
 
 
 def _optim_config(a: argparse.Namespace, train: TrainConfig) -> OptimConfig:
@@ -541,7 +592,8 @@ def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
         init_method_std=a.init_method_std, hidden_dropout=a.hidden_dropout,
         attention_dropout=a.attention_dropout, attention_backend=a.attention_backend,
         attention_softmax_in_fp32=a.attention_softmax_in_fp32, recompute_granularity=a.recompute_granularity,
-        loss_tile_tokens=a.tiled_loss_tokens, mlp_tiles=a.tiled_mlp_tiles, offload_activations=a.offload_activations)
+        loss_tile_tokens=a.tiled_loss_tokens, mlp_tiles=a.tiled_mlp_tiles, offload_activations=a.offload_activations,
+        ulysses_overlap_chunks=a.ulysses_overlap_chunks)
 
 
 def _padded_vocab_size(data: DataConfig) -> int:

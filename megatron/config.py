@@ -145,6 +145,7 @@ class ParallelConfig:
     """How ranks are laid out. `sequence_parallel_size` is Ulysses (--ds-sequence-parallel-size)."""
 
     sequence_parallel_size: int = 1
+    ring_attention_size: int = 1  # R of the Ulysses (SP/R) x ring (R) hybrid
     zero_stage: int = 0
     distributed_backend: str = "gloo"
     distributed_timeout_minutes: float = 10.0
@@ -245,6 +246,7 @@ class TrainConfig:
     seed: int = 1234
     exit_interval: int | None = None
     exit_signal_handler: bool = False  # on SIGTERM: finish the iteration, save, exit 0
+    exit_duration_in_mins: float | None = None  # stop (save, exit 0) once this much wall time has passed
 
     def num_micro_batches(self, data_parallel_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
@@ -259,6 +261,10 @@ class CheckpointConfig:
     save_interval: int | None = None
     no_save_optim: bool = False
     no_load_optim: bool = False
+    no_save_rng: bool = False
+    no_load_rng: bool = False
+    finetune: bool = False  # load weights only; iteration, samples, optimizer, scaler and RNG start fresh
+    keep_last: int | None = None  # --keep-last-checkpoints: older iter_* directories are deleted after a save
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ def initialize_megatron(cfg: RunConfig) -> RuntimeContext:
         device = torch.device("cpu")
         set_cpu_threads()
     ps = initialize_model_parallel(sequence_parallel_size=cfg.parallel.sequence_parallel_size,
-                                   device_type=device.type)
+                                   ring_attention_size=cfg.parallel.ring_attention_size, device_type=device.type)
     # Identical seed everywhere: replicas must be initialised identically (parameters are
     # replicated over SP x DP and FSDP shards each rank's own copy). Dropout streams are
     # re-seeded per rank by the training loop after the model is built.

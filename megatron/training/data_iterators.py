@@ -83,7 +83,8 @@ def build_data_iterators(cfg: RunConfig, parallel_state, consumed_samples: int):
     stream = dict(micro_batch_size=t.micro_batch_size, data_parallel_rank=ps.dp_rank,
                   data_parallel_size=ps.dp_size, seq_length=d.seq_length, sp_rank=ps.sp_rank, sp_size=ps.sp_size,
                   eod_token=eod, reset_position_ids=d.reset_position_ids,
-                  reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss)
+                  reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss,
+                  ring_size=getattr(ps, "ring_size", 1))
     if train_ds is None or consumed_samples >= n_train:
         train = iter(())
     else:

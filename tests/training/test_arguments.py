@@ -46,6 +46,15 @@ def test_warmup_and_decay_resolution():
     assert cfg("--global-batch-size 2 --lr-warmup-samples 5 --lr-decay-samples 9").optim.lr_decay_steps == 5
 
 
+def test_hybrid_uneven_and_overlap_resolve():
+    c = cfg("--ds-sequence-parallel-size 8 --ring-attention-size 2 --attention-dropout 0", world=8)
+    assert (c.parallel.sequence_parallel_size, c.parallel.ring_attention_size) == (8, 2)
+    # fewer K/V heads than SP ranks: replicated by DistributedAttention, not an error
+    assert cfg("--ds-sequence-parallel-size 2 --group-query-attention --num-query-groups 1",
+               world=2).model.num_query_groups == 1
+    assert cfg("--ds-sequence-parallel-size 2 --ulysses-overlap-chunks 2", world=2).model.ulysses_overlap_chunks == 2
+
+
 def test_model_families():
     g = cfg()
     assert (g.model.normalization, g.model.activation, g.model.position_embedding_type) == \
@@ -66,11 +75,15 @@ def test_model_families():
     ("--global-batch-size 6 --micro-batch-size 4", 1, "--global-batch-size (6) must be divisible by --micro-batch-size (4)"),
     ("--global-batch-size 3 --ds-sequence-parallel-size 2", 4, "data-parallel size (2"),
     ("--ds-sequence-parallel-size 8 --num-attention-heads 4", 8,
-     "--num-attention-heads (4) must be divisible by --ds-sequence-parallel-size (8)"),
-    ("--ds-sequence-parallel-size 2 --group-query-attention --num-query-groups 1", 2,
-     "--num-query-groups/--num-key-value-heads (1) must be divisible by --ds-sequence-parallel-size (2)"),
+     "--num-attention-heads (4) must be >= the Ulysses degree (--ds-sequence-parallel-size / "
+     "--ring-attention-size = 8): each Ulysses rank attends with at least one head; add --ring-attention-size 2"),
+    ("--ds-sequence-parallel-size 4 --ring-attention-size 3", 4, "--ring-attention-size (3) must divide"),
+    ("--ds-sequence-parallel-size 4 --ring-attention-size 2", 4, "does not support attention dropout"),
+    ("--ds-sequence-parallel-size 2 --ulysses-overlap-chunks 4", 2, "needs --ring-attention-size 1 and both"),
     ("--ds-sequence-parallel-size 4 --seq-length 66 --max-position-embeddings 66", 4,
-     "--seq-length (66) must be divisible by --ds-sequence-parallel-size (4)"),
+     "--seq-length (66) must be divisible by 4 (--ds-sequence-parallel-size 4)"),
+    ("--ds-sequence-parallel-size 4 --ring-attention-size 2 --attention-dropout 0 --seq-length 68 "
+     "--max-position-embeddings 68", 4, "--seq-length (68) must be divisible by 8 (2 x --ds-sequence-parallel-size 4)"),
     ("--fp16 --bf16", 1, "--fp16 and --bf16 are mutually exclusive"),
     ("--ds-sequence-parallel-size 4", 2, "--ds-sequence-parallel-size (4) is larger than the world size (2)"),
     ("--ds-sequence-parallel-size 2", 3, "--ds-sequence-parallel-size (2) must divide the world size (3)"),

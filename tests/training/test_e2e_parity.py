@@ -1,7 +1,8 @@
 """End-to-end: `pretrain_gpt.main` on gloo ranks gives one loss curve for every layout.
 
 For the same seed and data, SP=1 (one rank), SP=2 and DP=2 x SP=2, under ZeRO 0 to 3 and
-both activation-recompute modes, must produce the same per-iteration training loss to a
+both activation-recompute modes (plus SP=4 as Ulysses x ring, pure ring, with K/V heads
+replicated, and SP=2 with head-chunk overlap), must produce the same per-iteration training loss to a
 relative error below 1e-5 in fp32 (the differences that remain come from summation order
 in the collectives; measured ~1e-7). Both model families are covered. Clipping is active
 (grad norm > --clip-grad), so the sharded global norm is checked too.
@@ -76,6 +77,12 @@ def curves(ranks, tmp_path_factory):
     add(4, "gpt3", "dp2sp2_z3_full", "--ds-sequence-parallel-size 2 --zero-stage 3 --checkpoint-activations")
     add(4, "llama", "dp2sp2_z1_selective", "--ds-sequence-parallel-size 2 --zero-stage 1 "
                                            "--recompute-granularity selective")
+    # beyond plain Ulysses: hybrid and pure ring (zigzag data sharding), K/V heads replicated
+    # (2 K/V heads on SP 4), head-chunk overlap
+    add(4, "llama", "sp4_ring2", "--ds-sequence-parallel-size 4 --ring-attention-size 2 --zero-stage 0")
+    add(4, "llama", "sp4_kv_replicated", "--ds-sequence-parallel-size 4 --zero-stage 1")
+    add(4, "gpt3", "sp4_ring4_z3", "--ds-sequence-parallel-size 4 --ring-attention-size 4 --zero-stage 3")
+    add(2, "gpt3", "sp2_overlap2", "--ds-sequence-parallel-size 2 --ulysses-overlap-chunks 2")
     for world, runs in plan.items():
         ranks(world, _run_configs, runs)
     return logs
