@@ -139,6 +139,9 @@ def parse(argv: list[str]) -> tuple[RunConfig, argparse.Namespace, list[str]]:
                               f"and rings of {ring} (2 x ring zigzag chunks per Ulysses rank)")
         args.ds_sequence_parallel_size = sp // ring
         notes.append(f"assuming Ulysses {sp // ring} x ring {ring} attention (the SP group of {sp} ranks)")
+    if ring > 1 and getattr(args, "attention_dropout", 0):
+        args.attention_dropout = 0.0  # ring attention has none; memory is the same either way
+        notes.append("ring attention runs without attention dropout (--attention-dropout 0 assumed)")
     own = ring > 1 and ring_is_ours
     cfg = config_from_args(args, world // ring if own else world, check_environment=False,
                            padded_vocab_size=args.padded_vocab_size)
