@@ -8,6 +8,8 @@ stays a few lines and tests or new model types can swap either one.
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -41,12 +43,13 @@ def pretrain(cfg: RunConfig, model_provider: Callable | None = None,
     `trainer_hook(trainer)` runs after everything is built, before the first step
     (tests use it to inject gradient overflows).
     """
+    start_time = time.time()
     ctx = initialize_megatron(cfg)
     ps, device = ctx.parallel_state, ctx.device
     logger = RunLogger(cfg.log, cfg.train.train_iters, enabled=ps.rank == 0)
     try:
         return _pretrain(cfg, ps, device, logger, model_provider or default_model_provider,
-                         data_provider or default_data_provider, trainer_hook)
+                         data_provider or default_data_provider, trainer_hook, start_time)
     finally:
         logger.close()
         from megatron.core.parallel_state import destroy_model_parallel  # noqa: PLC0415
@@ -54,7 +57,7 @@ def pretrain(cfg: RunConfig, model_provider: Callable | None = None,
         destroy_model_parallel()
 
 
-def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_hook) -> dict:
+def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_hook, start_time) -> dict:
     for note in cfg.notes:
         logger.print(f"note: {note}")
     logger.print(f"> {ps.describe()} | zero stage {cfg.parallel.zero_stage} | micro batch "
@@ -74,19 +77,39 @@ def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_ho
                  zero_stage=cfg.parallel.zero_stage, num_params=num_params, optimizer=opt_name,
                  train_iters=cfg.train.train_iters, global_batch_size=cfg.train.global_batch_size,
                  seq_length=cfg.data.seq_length, dtype=cfg.optim.dtype_name)
-    trainer = Trainer(cfg=cfg, model=model, optimizer=optimizer, parallel_state=ps, device=device, logger=logger)
-    if cfg.checkpoint.load:
-        it, consumed = load_checkpoint(cfg.checkpoint.load, model, optimizer, trainer.scaler,
-                                       load_optim=not cfg.checkpoint.no_load_optim, log=logger.print)
-        trainer.state.iteration, trainer.state.consumed_samples = it, consumed
-        trainer.state.applied_steps = it  # skipped steps are not stored; the schedule resumes at `it`
+    trainer = Trainer(cfg=cfg, model=model, optimizer=optimizer, parallel_state=ps, device=device, logger=logger,
+                      start_time=start_time)
+    ck = cfg.checkpoint
+    saved_at = []  # iterations already on disk under --save (none written twice)
+    first_run = ck.load and not os.path.exists(ck.load) and ck.save and \
+        os.path.abspath(ck.load) == os.path.abspath(ck.save)
+    if first_run:  # a resubmittable job (--save and --load the same directory) on its first run
+        logger.print(f"--load {ck.load}: does not exist yet (same as --save), starting from scratch")
+    elif ck.load:
+        loaded = load_checkpoint(ck.load, model, optimizer, trainer.scaler, load_optim=not ck.no_load_optim,
+                                 load_rng=not ck.no_load_rng, finetune=ck.finetune, log=logger.print)
+        if loaded.counters is not None:
+            st = trainer.state
+            st.iteration, st.consumed_samples = loaded.counters["iteration"], loaded.counters["consumed_samples"]
+            st.consumed_tokens = loaded.counters["consumed_tokens"] or st.consumed_samples * cfg.data.seq_length
+            # the schedule's clock: behind `iteration` by the fp16 steps skipped for overflow
+            st.applied_steps, st.skipped_iters = loaded.counters["applied_steps"], loaded.counters["skipped_iters"]
+            if ck.save and os.path.abspath(ck.save) == os.path.abspath(ck.load) and not ck.finetune:
+                saved_at.append(st.iteration)
     train_iter, valid_batches, test_batches = data_provider(cfg, ps, trainer.state.consumed_samples)
     if trainer_hook is not None:
         trainer_hook(trainer)
 
     def save(t: Trainer) -> None:
-        save_checkpoint(cfg.checkpoint.save, t.state.iteration, t.state.consumed_samples, t.model, t.optimizer,
-                        t.scaler, save_optim=not cfg.checkpoint.no_save_optim, log=logger.print)
+        if saved_at and saved_at[-1] == t.state.iteration:  # e.g. --exit-interval on a --save-interval step
+            return
+        counters = {"iteration": t.state.iteration, "consumed_samples": t.state.consumed_samples,
+                    "consumed_tokens": t.state.consumed_tokens, "applied_steps": t.state.applied_steps,
+                    "skipped_iters": t.state.skipped_iters}
+        save_checkpoint(ck.save, counters, t.model, t.optimizer, t.scaler, config=cfg,
+                        save_optim=not ck.no_save_optim, save_rng=not ck.no_save_rng, keep_last=ck.keep_last,
+                        log=logger.print)
+        saved_at.append(t.state.iteration)
 
     state = trainer.train(train_iter, valid_batches, save_fn=save if cfg.checkpoint.save else None)
     summary = {"iteration": state.iteration, "losses": state.history, "skipped_iters": state.skipped_iters}
@@ -99,14 +122,15 @@ def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_ho
     logger.print("> bytes per rank, max over ranks (measured / ZeRO formula): " + ", ".join(
         f"{k.replace('_bytes', '')} {max(m[k] for m in per_rank) / 2**20:.2f} / {expected[k] / 2**20:.2f} MiB"
         for k in memory))
-    if state.stopped_by_signal:  # checkpoint written by the loop; leave quickly and cleanly
-        logger.event("done", iteration=state.iteration, stopped_by_signal=True)
+    if state.exit_reason is not None:  # checkpoint written by the loop; leave quickly and cleanly
+        logger.event("done", iteration=state.iteration, stopped_by_signal=state.stopped_by_signal,
+                     exit_reason=state.exit_reason)
         return summary
     if test_batches is not None and cfg.train.eval_iters > 0:
         loss = trainer.evaluate(test_batches())
         summary["test_loss"] = loss
         logger.evaluation("test", state.iteration, loss, state.consumed_samples,
-                          state.consumed_samples * cfg.data.seq_length)
+                          state.consumed_tokens)
     if cfg.checkpoint.save:
         save(trainer)
     logger.event("done", **{k: v for k, v in summary.items() if k != "losses"})

@@ -35,9 +35,11 @@ from megatron.training.timers import Timers
 class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
+    consumed_tokens: int = 0
     applied_steps: int = 0  # steps the optimizer took (the schedule's clock)
     skipped_iters: int = 0
     stopped_by_signal: bool = False
+    exit_reason: str | None = None  # "signal" or "duration": the loop saved already and the run ends now
     history: list = field(default_factory=list)  # lm loss per iteration (rank-local copy of the global value)
 
 
@@ -52,6 +54,7 @@ class Trainer:
     device: torch.device
     logger: RunLogger
     state: TrainState = field(default_factory=TrainState)
+    start_time: float = field(default_factory=time.time)  # --exit-duration-in-mins counts from here
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -169,6 +172,7 @@ class Trainer:
             cpu_seconds = time.process_time() - cpu_start  # this rank's CPU time: wall minus descheduling
             st.iteration += 1
             st.consumed_samples += cfg.train.global_batch_size
+            st.consumed_tokens += tokens_per_step
             st.skipped_iters += int(out["skipped"])
             st.history.append(out["lm_loss"])
             a2a_now = comm.seconds("all_to_all")
@@ -178,7 +182,7 @@ class Trainer:
             stats = {
                 "lm_loss": out["lm_loss"], "grad_norm": out["grad_norm"], "lr": out["lr"],
                 "loss_scale": out["loss_scale"], "skipped": out["skipped"], "skipped_iters": st.skipped_iters,
-                "consumed_samples": st.consumed_samples, "consumed_tokens": st.consumed_samples * cfg.data.seq_length,
+                "consumed_samples": st.consumed_samples, "consumed_tokens": st.consumed_tokens,
                 "global_batch_size": cfg.train.global_batch_size, "elapsed_ms": 1000 * elapsed,
                 "cpu_ms": 1000 * cpu_seconds,
                 "tokens_per_sec": tokens_per_step / elapsed,
@@ -192,29 +196,36 @@ class Trainer:
             if valid_batches is not None and cfg.train.eval_iters > 0 and \
                     (st.iteration % cfg.train.eval_interval == 0 or last):
                 self.logger.evaluation("valid", st.iteration, self.evaluate(valid_batches()),
-                                       st.consumed_samples, st.consumed_samples * cfg.data.seq_length)
+                                       st.consumed_samples, st.consumed_tokens)
             if save_fn is not None and cfg.checkpoint.save_interval and \
                     st.iteration % cfg.checkpoint.save_interval == 0 and not last:
                 save_fn(self)
             if cfg.train.exit_interval and st.iteration % cfg.train.exit_interval == 0:
                 self.logger.print(f"exiting at iteration {st.iteration} (--exit-interval)")
                 break
-            if sigterm.enabled and self._any_rank(sigterm.received):
-                # every rank stops after the same iteration, whichever rank the signal reached first
-                self.logger.print(f"SIGTERM received: stopping after iteration {st.iteration}")
-                st.stopped_by_signal = True
+            reason = self._exit_reason(sigterm)
+            if reason is not None:
+                self.logger.print(f"{'SIGTERM received' if reason == 'signal' else '--exit-duration-in-mins reached'}"
+                                  f": saving and stopping after iteration {st.iteration}")
+                st.exit_reason, st.stopped_by_signal = reason, reason == "signal"
                 if save_fn is not None:
                     save_fn(self)
                 else:
-                    self.logger.print("warning: --exit-signal-handler without --save: nothing is saved")
+                    self.logger.print(f"warning: stopping on {reason} without --save: nothing is saved")
                 break
 
-    def _any_rank(self, flag: bool) -> bool:
-        if self.parallel_state.sdp_size == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        comm.all_reduce(t, group=self.parallel_state.sdp_group, op=dist.ReduceOp.MAX, kind="all_reduce_stats")
-        return bool(t.item())
+    def _exit_reason(self, sigterm) -> str | None:
+        """One decision for all ranks (whichever rank the signal reached, whichever clock ran
+        late), so every rank saves and stops after the same iteration."""
+        minutes = self.cfg.train.exit_duration_in_mins
+        if not sigterm.enabled and minutes is None:
+            return None
+        flags = torch.tensor([float(sigterm.received),
+                              float(minutes is not None and time.time() - self.start_time >= 60 * minutes)],
+                             device=self.device)
+        if self.parallel_state.sdp_size > 1:
+            comm.all_reduce(flags, group=self.parallel_state.sdp_group, op=dist.ReduceOp.MAX, kind="all_reduce_stats")
+        return "signal" if flags[0] > 0 else "duration" if flags[1] > 0 else None
 
     def _max_over_ranks(self, value: int) -> int:
         if self.parallel_state.sdp_size == 1:
