@@ -163,6 +163,10 @@ def initialize_model_parallel(
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     dp = world // sp
+    # Gloo gives up on a peer that is not listening yet after a few quick retries, so a rank
+    # that reaches group creation well before the others (e.g. while they still save the
+    # previous run's checkpoint) can fail; meet on the default group first.
+    dist.barrier()
     mesh = init_device_mesh(device_type, (dp, sp), mesh_dim_names=("dp", "sp"))
     sdp_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("sdp",))
     sp2d_mesh = None
