@@ -16,11 +16,21 @@ import pretrain_gpt  # noqa: E402
 
 
 def main(path: str) -> int:
-    for argv in json.loads(Path(path).read_text()):
-        code = pretrain_gpt.main(argv)
-        if code:
-            return code
-    return 0
+    import torch.distributed as dist
+
+    # One process group for every run: pretrain_gpt.main reuses an existing group and only
+    # destroys one it created, and re-creating the group in the same torchrun job would read
+    # the first group's stale addresses from torchrun's store.
+    dist.init_process_group("gloo")
+    try:
+        for argv in json.loads(Path(path).read_text()):
+            code = pretrain_gpt.main(argv)
+            if code:
+                return code
+        return 0
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
