@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -32,13 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron.core import comm  # noqa: E402
 from megatron.core.sequence_parallel import DistributedAttention  # noqa: E402
 from megatron.core.sequence_parallel.overlap import ChunkedUlyssesAttention  # noqa: E402
+from megatron.initialize import free_port  # noqa: E402
 from megatron.model.attention_backends import build_local_attention  # noqa: E402
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank, world, port, n, hq, hkv, d, iters, out_q, chunks=1):
@@ -75,7 +69,7 @@ def _rank(rank, world, port, n, hq, hkv, d, iters, out_q, chunks=1):
 def measure(n, p, hq, hkv, d, iters, chunks=1):
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(p, _port(), n, hq, hkv, d, iters, q, chunks), nprocs=p, join=True,
+    mp.start_processes(_rank, args=(p, free_port(), n, hq, hkv, d, iters, q, chunks), nprocs=p, join=True,
                        start_method="spawn")
     return q.get()
 

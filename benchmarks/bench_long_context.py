@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 
@@ -31,6 +30,7 @@ sys.path.insert(0, ROOT)
 from megatron.config import ModelConfig  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.memory_tracker import MemoryTracker  # noqa: E402
+from megatron.initialize import free_port  # noqa: E402
 from megatron.model import GPTModel  # noqa: E402
 from megatron.model.loss import global_token_count, loss_for_backward  # noqa: E402
 
@@ -47,11 +47,6 @@ def model_config(**extra) -> ModelConfig:
                              ffn_hidden_size=512, vocab_size=8192, max_position_embeddings=1 << 20,
                              hidden_dropout=0.0, attention_dropout=0.0, attention_backend="sdpa", **extra)
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank, world, port, seqs, settings, out_q):
@@ -102,7 +97,7 @@ def main(argv=None):
           f"{cfg.num_attention_heads} heads, ffn {cfg.ffn_hidden_size}, vocab {cfg.vocab_size}, fp32, "
           "one training step (forward + backward), peak live tensor bytes per rank above the weights")
     q = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_rank, args=(2, _port(), seqs, settings, q), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_rank, args=(2, free_port(), seqs, settings, q), nprocs=2, join=True, start_method="spawn")
     rows = q.get()
     peak = {(name, n): p for name, n, p, _ in rows}
     secs = {(name, n): t for name, n, _, t in rows}

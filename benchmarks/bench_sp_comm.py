@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -40,15 +39,11 @@ from megatron.core.sequence_parallel.hybrid import (  # noqa: E402
     attention_comm_bytes,
     build_sequence_parallel_attention,
 )
+from megatron.initialize import free_port  # noqa: E402
 from megatron.model.attention_backends import build_local_attention  # noqa: E402
 
 KINDS = ("all_to_all", "ring_p2p")
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _layouts(p: int, heads: int) -> list[int]:
@@ -100,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
-    port = _port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, args.sp, port, args.seq_lens, args.heads, args.kv_heads,
                                              args.head_dim, args.iters, out_q)) for r in range(args.sp)]
     for p in procs:

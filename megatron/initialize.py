@@ -42,7 +42,8 @@ def _env_int(*names: str, default: int | None = None) -> int | None:
     return default
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for single-host process groups)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +60,7 @@ def initialize_distributed(backend: str, timeout_minutes: float = 10.0) -> tuple
         torch.cuda.set_device(local_rank)
     timeout = timedelta(minutes=timeout_minutes)
     if world == 1 and not os.environ.get("MASTER_ADDR"):
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
     else:
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(var):

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
 
+from megatron.initialize import free_port
+
 _CTX = mp.get_context("spawn")
 CALL_TIMEOUT_S = float(os.environ.get("DIST_TEST_TIMEOUT", "180"))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, tasks, results) -> None:
@@ -54,7 +50,7 @@ def _worker(rank: int, world: int, port: int, tasks, results) -> None:
 class RankPool:
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        port = _free_port()
+        port = free_port()
         self._tasks = [_CTX.Queue() for _ in range(world_size)]
         self._results = _CTX.Queue()
         self._procs = [
