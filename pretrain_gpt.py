@@ -33,7 +33,7 @@ def main(argv=None) -> int:
             print(f"pretrain_gpt.py: error: {e}", file=sys.stderr, flush=True)
         return 2
     if dry_run:
-        from megatron.training.plan import describe_plan  # noqa: PLC0415
+        from megatron.planning.plan import describe_plan  # noqa: PLC0415
 
         print(describe_plan(cfg, gpus_per_node=int(os.environ.get("GPUS_PER_NODE", cfg.world_size))))
         return 0

@@ -28,9 +28,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
 from megatron.core import comm  # noqa: E402
 from megatron.core.sequence_parallel import DistributedAttention  # noqa: E402
-from megatron.core.sequence_parallel.overlap import ChunkedUlyssesAttention  # noqa: E402
 from megatron.initialize import free_port  # noqa: E402
 from megatron.model.attention_backends import build_local_attention  # noqa: E402
 
@@ -40,7 +40,7 @@ def _rank(rank, world, port, n, hq, hkv, d, iters, out_q, chunks=1):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     local = build_local_attention("sdpa", causal=True)
     if chunks > 1:
-        attn = ChunkedUlyssesAttention(local, dist.group.WORLD, chunks)
+        attn = DistributedAttention(local, dist.group.WORLD, overlap_chunks=chunks)
     else:
         attn = DistributedAttention(local, dist.group.WORLD, check_shapes=False)
     sl = n // world

@@ -2,7 +2,7 @@
 
 Two gloo ranks (SP = 2) train one step of a small Llama-style model at N = 4k .. 64k tokens
 under several memory settings. Peak memory is measured exactly with
-`megatron.core.memory_tracker.MemoryTracker` (bytes of live tensors, the CPU analogue of
+`megatron.planning.memory_tracker.MemoryTracker` (bytes of live tensors, the CPU analogue of
 `torch.cuda.max_memory_allocated`), above the parameters and optimizer state.
 
 Prints a table, the longest N whose step fits a memory budget per setting, and writes a
@@ -27,12 +27,13 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron.config import ModelConfig  # noqa: E402
+from megatron.config import ModelConfig, ParallelConfig  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
-from megatron.core.memory_tracker import MemoryTracker  # noqa: E402
 from megatron.initialize import free_port  # noqa: E402
 from megatron.model import GPTModel  # noqa: E402
-from megatron.model.loss import global_token_count, loss_for_backward  # noqa: E402
+from megatron.parallel import parallelize_gpt  # noqa: E402
+from megatron.planning.memory_tracker import MemoryTracker  # noqa: E402
+from megatron.training.loss import global_token_count, loss_for_backward  # noqa: E402
 
 SETTINGS = {
     "baseline": {},
@@ -42,10 +43,10 @@ SETTINGS = {
 }
 
 
-def model_config(**extra) -> ModelConfig:
+def model_config() -> ModelConfig:
     return ModelConfig.llama(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=4,
                              ffn_hidden_size=512, vocab_size=8192, max_position_embeddings=1 << 20,
-                             hidden_dropout=0.0, attention_dropout=0.0, attention_backend="sdpa", **extra)
+                             hidden_dropout=0.0, attention_dropout=0.0)
 
 
 
@@ -55,9 +56,11 @@ def _rank(rank, world, port, seqs, settings, out_q):
     state = parallel_state.initialize_model_parallel(sequence_parallel_size=world)
     rows = []
     for name in settings:
-        cfg = model_config(**SETTINGS[name])
+        cfg = model_config()
         torch.manual_seed(0)
-        model = GPTModel(cfg, state)
+        # the SP model without DDP: gradients of one step need no reduction to be measured
+        model = parallelize_gpt(GPTModel(cfg), state, ParallelConfig(sequence_parallel_size=world, **SETTINGS[name]),
+                                data_parallel=False)
         for n in seqs:
             sl = n // world
             g = torch.Generator().manual_seed(n)

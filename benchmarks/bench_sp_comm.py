@@ -37,7 +37,7 @@ from megatron.core import comm  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.sequence_parallel.hybrid import (  # noqa: E402
     attention_comm_bytes,
-    build_sequence_parallel_attention,
+    build_sp_attention,
 )
 from megatron.initialize import free_port  # noqa: E402
 from megatron.model.attention_backends import build_local_attention  # noqa: E402
@@ -58,7 +58,7 @@ def _rank(rank, world, port, seq_lens, hq, hkv, d, iters, out_q):
     for n in seq_lens:
         for ring in _layouts(world, hq):
             state = ps.initialize_model_parallel(sequence_parallel_size=world, ring_attention_size=ring)
-            attn = build_sequence_parallel_attention(build_local_attention("sdpa", causal=True), state)
+            attn = build_sp_attention(build_local_attention("sdpa", causal=True), state)
             sl = n // world
             g = torch.Generator().manual_seed(rank)
             q = torch.randn(sl, 1, hq, d, generator=g, requires_grad=True)

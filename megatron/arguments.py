@@ -31,6 +31,8 @@ from megatron.config import (
     RunConfig,
     TrainConfig,
 )
+from megatron.core.topology import Topology
+from megatron.parallel.parallelize import validate_strategy
 
 # Flags that DeepSpeed's engine or pipeline code consume; here they have no effect.
 _NO_EFFECT_SWITCHES = {
@@ -268,7 +270,18 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
     parallel = ParallelConfig(sequence_parallel_size=args.ds_sequence_parallel_size,
                               ring_attention_size=args.ring_attention_size,
                               zero_stage=args.zero_stage, distributed_backend=args.distributed_backend,
-                              distributed_timeout_minutes=args.distributed_timeout_minutes)
+                              distributed_timeout_minutes=args.distributed_timeout_minutes,
+                              attention_backend=args.attention_backend,
+                              recompute_granularity=args.recompute_granularity,
+                              loss_tile_tokens=args.tiled_loss_tokens, mlp_tiles=args.tiled_mlp_tiles,
+                              offload_activations=args.offload_activations,
+                              ulysses_overlap_chunks=args.ulysses_overlap_chunks)
+    # everything the run itself would refuse (heads vs SP, sequence layout, kernels vs precision)
+    _, strategy_notes = validate_strategy(model, parallel, world_size=world_size, seq_length=data.seq_length,
+                                          precision=optim.dtype_name,
+                                          device_type=None if not check_environment else
+                                          ("cuda" if args.distributed_backend == "nccl" else "cpu"))
+    notes += strategy_notes
     ckpt = _checkpoint_config(args, check_environment)
     log = LogConfig(log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
                     tensorboard_log_interval=args.tensorboard_log_interval,
@@ -359,14 +372,7 @@ def _validate_parallel(a: argparse.Namespace, world: int) -> None:
     if a.sequence_parallel:
         raise ConfigError("--sequence-parallel is Megatron's tensor-parallel sequence parallelism, which "
                           "is not supported; for Ulysses use --ds-sequence-parallel-size N")
-    if sp < 1:
-        raise ConfigError(f"--ds-sequence-parallel-size must be >= 1, got {sp}")
-    if sp > world:
-        raise ConfigError(f"--ds-sequence-parallel-size ({sp}) is larger than the world size ({world}); "
-                          f"launch at least {sp} processes or lower --ds-sequence-parallel-size")
-    if world % sp:
-        raise ConfigError(f"--ds-sequence-parallel-size ({sp}) must divide the world size ({world}); "
-                          f"launch a multiple of {sp} processes or pick a divisor of {world}")
+    Topology(world, sp, a.ring_attention_size, overlap_chunks=a.ulysses_overlap_chunks)  # sizes only; raises
     if a.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {a.zero_stage}")
     if a.rampup_batch_size is not None:
@@ -377,7 +383,6 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(a, flag) is None:
             raise ConfigError(f"--{flag.replace('_', '-')} is required")
-    sp = a.ds_sequence_parallel_size
     if a.max_position_embeddings is None:
         a.max_position_embeddings = a.seq_length
     if a.use_rotary_position_embeddings:
@@ -395,33 +400,6 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
     if groups is None and a.group_query_attention:
         groups = 1  # Megatron-LM's default for --group-query-attention alone
     a.num_query_groups = groups
-    ring = a.ring_attention_size
-    if ring < 1 or sp % ring:
-        raise ConfigError(f"--ring-attention-size ({ring}) must divide --ds-sequence-parallel-size ({sp}): "
-                          f"the SP group is Ulysses (SP/R ranks) x ring (R ranks)")
-    ulysses = sp // ring
-    if a.num_attention_heads < ulysses:
-        raise ConfigError(f"--num-attention-heads ({a.num_attention_heads}) must be >= the Ulysses degree "
-                          f"(--ds-sequence-parallel-size / --ring-attention-size = {ulysses}): each Ulysses rank "
-                          f"attends with at least one head; add --ring-attention-size "
-                          f"{_smallest_ring(sp, a.num_attention_heads)} to put the rest of the SP group in a ring")
-    granularity = 2 * sp if ring > 1 else sp
-    if a.seq_length % granularity:
-        raise ConfigError(f"--seq-length ({a.seq_length}) must be divisible by {granularity} "
-                          f"({'2 x ' if ring > 1 else ''}--ds-sequence-parallel-size {sp}): each SP rank holds "
-                          f"an equal share{' of the 2R zigzag chunks' if ring > 1 else ''}; pad --seq-length to a "
-                          f"multiple of {granularity}")
-    if ring > 1 and a.attention_dropout:
-        raise ConfigError(f"--ring-attention-size > 1 does not support attention dropout (got "
-                          f"--attention-dropout {a.attention_dropout}); pass --attention-dropout 0")
-    chunks = a.ulysses_overlap_chunks
-    kv_heads = a.num_query_groups or a.num_attention_heads
-    if chunks < 1:
-        raise ConfigError(f"--ulysses-overlap-chunks must be >= 1, got {chunks}")
-    if chunks > 1 and (ring > 1 or a.num_attention_heads % (sp * chunks) or kv_heads % (sp * chunks)):
-        raise ConfigError(f"--ulysses-overlap-chunks {chunks} needs --ring-attention-size 1 and both the "
-                          f"query heads ({a.num_attention_heads}) and K/V heads ({kv_heads}) divisible by "
-                          f"SP x chunks = {sp * chunks}; lower the chunk count")
     if a.checkpoint_activations and a.recompute_granularity == "selective" or \
             a.recompute_activations and a.recompute_granularity == "full":
         raise ConfigError("--checkpoint-activations means --recompute-granularity full and "
@@ -430,10 +408,6 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
         a.recompute_granularity = "full"
     elif a.recompute_activations:
         a.recompute_granularity = "selective"
-
-
-def _smallest_ring(sp: int, heads: int) -> int:
-    return next((r for r in range(1, sp + 1) if sp % r == 0 and sp // r <= heads), sp)
 
 
 def _resolve_batch(a: argparse.Namespace, dp: int) -> None:
@@ -590,10 +564,7 @@ def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
         activation="swiglu" if a.swiglu else "gelu", add_bias_linear=not a.disable_bias_linear,
         untie_embeddings_and_output_weights=a.untie_embeddings_and_output_weights,
         init_method_std=a.init_method_std, hidden_dropout=a.hidden_dropout,
-        attention_dropout=a.attention_dropout, attention_backend=a.attention_backend,
-        attention_softmax_in_fp32=a.attention_softmax_in_fp32, recompute_granularity=a.recompute_granularity,
-        loss_tile_tokens=a.tiled_loss_tokens, mlp_tiles=a.tiled_mlp_tiles, offload_activations=a.offload_activations,
-        ulysses_overlap_chunks=a.ulysses_overlap_chunks)
+        attention_dropout=a.attention_dropout)
 
 
 def _padded_vocab_size(data: DataConfig) -> int:

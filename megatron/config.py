@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a GPT model.
+    """Shape and numerics of a GPT model: what `GPTModel(config)` builds, nothing about how it runs.
 
     Two families are first class because Hugging Face export needs both:
     `ModelConfig.gpt3(...)` (LayerNorm, GeLU, learned positions, biases, tied
@@ -49,13 +49,6 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    attention_backend: str = "sdpa"
-    attention_softmax_in_fp32: bool = True
-    recompute_granularity: str | None = None
-    loss_tile_tokens: int = 0  # > 0: logits + cross-entropy in tiles of this many tokens
-    mlp_tiles: int = 1  # > 1: MLP over this many sequence tiles, recomputed per tile
-    offload_activations: bool = False  # keep checkpointed layer inputs in host memory (GPU)
-    ulysses_overlap_chunks: int = 1  # > 1: pipeline the all-to-alls with attention over head chunks
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -85,12 +78,8 @@ class ModelConfig:
         _choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _choice("normalization", self.normalization, NORMALIZATIONS)
         _choice("activation", self.activation, ACTIVATIONS)
-        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        _choice("recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
         if self.position_embedding_type == "rope" and self.kv_channels % 2:
             raise ConfigError(f"RoPE needs an even head dim, got kv_channels={self.kv_channels}")
-        if self.loss_tile_tokens < 0 or self.mlp_tiles < 1:
-            raise ConfigError("--tiled-loss-tokens must be >= 0 and --tiled-mlp-tiles >= 1")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1)")
@@ -142,19 +131,39 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How ranks are laid out. `sequence_parallel_size` is Ulysses (--ds-sequence-parallel-size)."""
+    """How a model runs: the rank layout, ZeRO, and what `parallelize_gpt` applies to it.
+
+    `sequence_parallel_size` is Ulysses (--ds-sequence-parallel-size). The rest is strategy,
+    never shape: the local attention kernel, recompute, sequence tiling, activation offload,
+    head-chunk overlap. The model itself (`GPTModel(ModelConfig)`) knows none of it.
+    """
 
     sequence_parallel_size: int = 1
     ring_attention_size: int = 1  # R of the Ulysses (SP/R) x ring (R) hybrid
     zero_stage: int = 0
     distributed_backend: str = "gloo"
     distributed_timeout_minutes: float = 10.0
+    attention_backend: str = "sdpa"
+    recompute_granularity: str | None = None  # "full": every layer's activations; "selective": core attention
+    loss_tile_tokens: int = 0  # > 0: logits + cross-entropy in tiles of this many tokens
+    mlp_tiles: int = 1  # > 1: MLP over this many sequence tiles, recomputed per tile
+    offload_activations: bool = False  # keep recomputed layers' inputs in host memory (GPU)
+    ulysses_overlap_chunks: int = 1  # > 1: pipeline the all-to-alls with attention over head chunks
 
     def __post_init__(self) -> None:
         if self.sequence_parallel_size < 1:
             raise ConfigError("--ds-sequence-parallel-size must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
+        if self.loss_tile_tokens < 0 or self.mlp_tiles < 1:
+            raise ConfigError("--tiled-loss-tokens must be >= 0 and --tiled-mlp-tiles >= 1")
+        if self.ulysses_overlap_chunks < 1:
+            raise ConfigError(f"--ulysses-overlap-chunks must be >= 1, got {self.ulysses_overlap_chunks}")
+
+    def replace(self, **changes) -> ParallelConfig:
+        return dataclasses.replace(self, **changes)
 
 
 def _choice(name: str, value, allowed) -> None:

@@ -25,7 +25,6 @@ Sizes are GiB (2^30 bytes); `--gpu-memory-gb 80` means an 80 GiB card (A100/H100
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `megatron` importable
 
 from megatron.arguments import build_parser, config_from_args  # noqa: E402
 from megatron.config import ConfigError, RunConfig  # noqa: E402
-from megatron.training.memory_estimate import (  # noqa: E402
+from megatron.planning.memory_estimate import (  # noqa: E402
     GIB,
     estimate_memory,
     largest_seq_length,
@@ -121,43 +120,23 @@ def parse(argv: list[str]) -> tuple[RunConfig, argparse.Namespace, list[str]]:
     built with ring_attention_size), the flags are validated as the Ulysses part (SP/R
     ranks, world/R), so the head-count rule applies to SP/R, which is what the hybrid needs.
     """
-    ring_is_ours = "--ring-attention-size" not in build_parser()._option_string_actions
     parser = build_parser(_estimator_flags)
     args = parser.parse_args(_strip_launcher_words(argv))
     notes: list[str] = []
     _fill_required(args, notes)
-    sp, ring = args.ds_sequence_parallel_size, args.ring_attention_size
-    world = world_size_of(args, sp, notes)
-    if ring < 1 or sp % ring:
-        raise ConfigError(f"--ring-attention-size ({ring}) must divide --ds-sequence-parallel-size ({sp})")
-    if world % sp:
-        raise ConfigError(f"--ds-sequence-parallel-size ({sp}) must divide the world size ({world})")
-    if ring > 1 and ring_is_ours:  # pretrain_gpt.py validates heads against the Ulysses part only
-        granule = sequence_granularity(sp, ring)
-        if args.seq_length is not None and args.seq_length % granule:
-            raise ConfigError(f"--seq-length ({args.seq_length}) must be a multiple of {granule} with SP {sp} "
-                              f"and rings of {ring} (2 x ring zigzag chunks per Ulysses rank)")
-        args.ds_sequence_parallel_size = sp // ring
-        notes.append(f"assuming Ulysses {sp // ring} x ring {ring} attention (the SP group of {sp} ranks)")
-    if ring > 1 and getattr(args, "attention_dropout", 0):
+    world = world_size_of(args, args.ds_sequence_parallel_size, notes)
+    if args.ring_attention_size > 1 and getattr(args, "attention_dropout", 0):
         args.attention_dropout = 0.0  # ring attention has none; memory is the same either way
         notes.append("ring attention runs without attention dropout (--attention-dropout 0 assumed)")
-    own = ring > 1 and ring_is_ours
-    cfg = config_from_args(args, world // ring if own else world, check_environment=False,
-                           padded_vocab_size=args.padded_vocab_size)
-    if own:
-        cfg = cfg.replace(world_size=world,
-                          parallel=dataclasses.replace(cfg.parallel, sequence_parallel_size=sp))
+    cfg = config_from_args(args, world, check_environment=False, padded_vocab_size=args.padded_vocab_size)
     return cfg, args, notes
 
 
 def estimate_settings(cfg: RunConfig, args: argparse.Namespace) -> dict:
     """Keyword arguments of `estimate_memory` for a parsed run."""
-    return dict(micro_batch_size=cfg.train.micro_batch_size,
-                sequence_parallel_size=cfg.parallel.sequence_parallel_size,
+    return dict(micro_batch_size=cfg.train.micro_batch_size, parallel=cfg.parallel,
                 data_parallel_size=cfg.world_size // cfg.parallel.sequence_parallel_size,
-                zero_stage=cfg.parallel.zero_stage, precision=cfg.optim.dtype_name,
-                device=args.estimate_device, ring_attention_size=args.ring_attention_size,
+                precision=cfg.optim.dtype_name, device=args.estimate_device,
                 autocast_weight_cache=args.autocast_weight_cache)
 
 
@@ -166,18 +145,18 @@ def _row(label: str, x: float) -> str:
 
 
 def report(cfg: RunConfig, est: dict, settings: dict, budget: float, gpu: float, largest: int) -> str:
-    m, s = cfg.model, settings
-    sp, dp, zero = s["sequence_parallel_size"], s["data_parallel_size"], s["zero_stage"]
-    rec = {None: "none", "full": "full", "selective": "selective"}[m.recompute_granularity]
-    ring = s["ring_attention_size"]
+    m, s, par = cfg.model, settings, cfg.parallel
+    sp, dp, zero = par.sequence_parallel_size, s["data_parallel_size"], par.zero_stage
+    rec = {None: "none", "full": "full", "selective": "selective"}[par.recompute_granularity]
+    ring = par.ring_attention_size
     hybrid = f" (Ulysses {sp // ring} x ring {ring})" if ring > 1 else ""
     lines = [
         f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
         f"(K/V {m.num_query_groups}), ffn {m.ffn_hidden_size}, vocab {m.vocab_size}, "
         f"{m.position_embedding_type} positions -> {est['num_parameters'] / 1e9:.3f} B parameters",
         f"run: seq {cfg.data.seq_length:,} x micro batch {s['micro_batch_size']} | {cfg.world_size} ranks = "
-        f"SP {sp}{hybrid} x DP {dp} | ZeRO-{zero} over {sp * dp} | {s['precision']} | {m.attention_backend} | "
-        f"recompute {rec} | loss tiles {m.loss_tile_tokens or 'off'} | {est['tokens_per_rank']:,} tokens per rank",
+        f"SP {sp}{hybrid} x DP {dp} | ZeRO-{zero} over {sp * dp} | {s['precision']} | {par.attention_backend} | "
+        f"recompute {rec} | loss tiles {par.loss_tile_tokens or 'off'} | {est['tokens_per_rank']:,} tokens per rank",
         "",
         "per-rank memory (GiB)",
         _row(f"parameters (fp32{', sharded' if zero >= 2 else ''})", est["parameters"]),
@@ -207,7 +186,7 @@ def report(cfg: RunConfig, est: dict, settings: dict, budget: float, gpu: float,
 
 
 def sweep(cfg: RunConfig, settings: dict, spec: str, budget: float, largest: int) -> str:
-    granule = sequence_granularity(settings["sequence_parallel_size"], settings["ring_attention_size"])
+    granule = sequence_granularity(cfg.parallel.sequence_parallel_size, cfg.parallel.ring_attention_size)
     if spec == "auto":
         n, seqs = 4096, []
         while n <= max(largest * 2, 8192):

@@ -24,12 +24,17 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _bytes: dict[str, int] = defaultdict(int)
 _calls: dict[str, int] = defaultdict(int)
 _seconds: dict[str, float] = defaultdict(float)
+# CUDA (start, end) event pairs not yet read back, per kind: reading an event's time waits
+# for the GPU, so it happens when someone asks for the seconds (once per logged iteration)
+_pending: dict[str, list] = defaultdict(list)
+_MAX_PENDING = 512
 
 
 def reset_counters() -> None:
     _bytes.clear()
     _calls.clear()
     _seconds.clear()
+    _pending.clear()
 
 
 def bytes_sent(kind: str | None = None) -> int:
@@ -41,57 +46,126 @@ def calls(kind: str) -> int:
     return _calls[kind]
 
 
+def _resolve(kind: str, block: bool) -> None:
+    """Turn finished CUDA event pairs into seconds (all of them when `block`)."""
+    pairs, keep = _pending.get(kind, []), []
+    for start, end in pairs:
+        if block or end.query():
+            end.synchronize()
+            _seconds[kind] += start.elapsed_time(end) / 1000.0
+        else:
+            keep.append((start, end))
+    _pending[kind] = keep
+
+
 def seconds(kind: str | None = None) -> float:
-    """Wall seconds spent inside collectives (synchronous ones) since the last reset."""
+    """Seconds spent inside synchronous collectives since the last reset.
+
+    On CPU (gloo) this is wall time around the call. On CUDA the call only enqueues work,
+    so the time is measured with CUDA events on the current stream around the collective
+    (which waits for NCCL to finish): reading it synchronizes with the GPU, so call this
+    once per logged iteration, not per micro-batch.
+    """
+    for k in ([kind] if kind is not None else list(_pending)):
+        _resolve(k, block=True)
     return _seconds[kind] if kind is not None else sum(_seconds.values())
 
 
 def counters() -> dict[str, dict[str, float]]:
-    kinds = set(_bytes) | set(_calls) | set(_seconds)
-    return {k: {"bytes": _bytes[k], "calls": _calls[k], "seconds": _seconds[k]} for k in sorted(kinds)}
+    kinds = set(_bytes) | set(_calls) | set(_seconds) | set(_pending)
+    return {k: {"bytes": _bytes[k], "calls": _calls[k], "seconds": seconds(k)} for k in sorted(kinds)}
 
 
 @contextmanager
-def _record(kind: str, nbytes: int):
-    start = time.perf_counter()
+def _record(kind: str, nbytes: int, device: torch.device | None = None):
+    _bytes[kind] += int(nbytes)
+    _calls[kind] += 1
+    if device is not None and device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            _pending[kind].append((start, end))
+            if len(_pending[kind]) > _MAX_PENDING:
+                _resolve(kind, block=False)
+        return
+    begin = time.perf_counter()
     try:
         yield
     finally:
-        _seconds[kind] += time.perf_counter() - start
-        _bytes[kind] += int(nbytes)
-        _calls[kind] += 1
+        _seconds[kind] += time.perf_counter() - begin
+
+
+def _check_device(tensor: torch.Tensor, group, what: str) -> None:
+    """NCCL reduces only CUDA tensors: fail here, naming the call, instead of deep inside NCCL."""
+    if tensor.device.type != "cuda" and dist.get_backend(group) == "nccl":
+        raise RuntimeError(f"{what}: a {tensor.device.type} tensor was passed to an NCCL collective; create "
+                           "it on the group's device (torch.cuda.current_device())")
 
 
 def world_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def all_to_all_single(output: torch.Tensor, input: torch.Tensor, group) -> torch.Tensor:
-    """Equal-split all-to-all along dim 0: chunk j of `input` goes to rank j of `group`."""
-    p = dist.get_world_size(group)
-    nbytes = input.numel() * input.element_size() * (p - 1) // p
-    with _record("all_to_all", nbytes):
-        dist.all_to_all_single(output, input, group=group)
+def all_to_all_rows(input: torch.Tensor, in_splits: list[int] | None, out_splits: list[int] | None, group,
+                    *, async_op: bool = False) -> torch.Tensor:
+    """All-to-all along dim 0: `in_splits[j]` rows go to rank j; rows from rank i arrive in
+    rank order (`out_splits[i]` of them). None splits mean P equal chunks.
+
+    The only all-to-all of the project (kind "all_to_all"). Bytes counted are the rows that
+    leave this rank. With `async_op` the call returns at once: the result is a functional-
+    collective tensor that waits for its data the first time it is used, so work issued in
+    between overlaps the transfer (its wait is not timed).
+    """
+    _check_device(input, group, "all_to_all")
+    p, me = dist.get_world_size(group), dist.get_rank(group)
+    input = input.contiguous()
+    row = input[0].numel() * input.element_size() if input.dim() > 1 else input.element_size()
+    if in_splits is None:
+        if input.shape[0] % p:
+            raise ValueError(f"all_to_all: dim 0 ({input.shape[0]}) is not divisible by the group size {p}")
+        nbytes = input.shape[0] // p * (p - 1) * row
+    else:
+        nbytes = (sum(in_splits) - in_splits[me]) * row
+    even = in_splits is None or (len(set(in_splits)) == 1 and len(set(out_splits)) == 1)
+    ins, outs = (None, None) if even else (list(in_splits), list(out_splits))
+    if async_op:
+        import torch.distributed._functional_collectives as fc  # noqa: PLC0415
+
+        _bytes["all_to_all"] += nbytes
+        _calls["all_to_all"] += 1
+        return fc.all_to_all_single(input, outs, ins, group)
+    rows = input.shape[0] if out_splits is None else sum(out_splits)
+    output = input.new_empty((rows,) + tuple(input.shape[1:]))
+    with _record("all_to_all", nbytes, input.device):
+        if even:
+            dist.all_to_all_single(output, input, group=group)
+        else:
+            dist.all_to_all_single(output, input, outs, ins, group=group)
     return output
 
 
 def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
     """In-place all-reduce. Bytes counted as a ring algorithm sends them: 2 (P-1)/P of the tensor."""
+    _check_device(tensor, group, kind)
     p = dist.get_world_size(group)
     nbytes = 2 * tensor.numel() * tensor.element_size() * (p - 1) // p
-    with _record(kind, nbytes):
+    with _record(kind, nbytes, tensor.device):
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
 
-def all_gather_along(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
+def all_gather_along(tensor: torch.Tensor, dim: int, group, kind: str = "all_gather") -> torch.Tensor:
     """Concatenate every rank's `tensor` along `dim` (rank order). Not differentiable."""
     p = dist.get_world_size(group)
     if p == 1:
         return tensor
+    _check_device(tensor, group, kind)
     x = tensor.movedim(dim, 0).contiguous()  # [n, ...]
     out = torch.empty((p * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    with _record("all_gather", x.numel() * x.element_size() * (p - 1)):
+    with _record(kind, x.numel() * x.element_size() * (p - 1), x.device):
         _all_gather_single(out, x, group=group)
     return out.movedim(0, dim)  # [p*n, ...] -> original layout with dim grown p-fold
 
@@ -104,9 +178,10 @@ def all_gather_object(obj, group=None) -> list:
 
 
 def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    _check_device(tensor, group, "broadcast")
     p = dist.get_world_size(group)
     nbytes = tensor.numel() * tensor.element_size() if dist.get_rank() == src and p > 1 else 0
-    with _record("broadcast", nbytes):
+    with _record("broadcast", nbytes, tensor.device):
         dist.broadcast(tensor, src=src, group=group)
     return tensor
 
@@ -114,39 +189,6 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
 def barrier(group=None) -> None:
     with _record("barrier", 0):
         dist.barrier(group=group)
-
-
-def all_to_all_single_async(input: torch.Tensor, group) -> torch.Tensor:
-    """Equal-split all-to-all along dim 0 that returns at once.
-
-    The result is a functional-collective tensor that waits for the data the first time it
-    is used, so computation issued in between overlaps with the transfer. Seconds are not
-    recorded (the wait happens elsewhere); bytes are.
-    """
-    import torch.distributed._functional_collectives as fc
-
-    p = dist.get_world_size(group)
-    _bytes["all_to_all"] += input.numel() * input.element_size() * (p - 1) // p
-    _calls["all_to_all"] += 1
-    return fc.all_to_all_single(input.contiguous(), None, None, group)
-
-
-def all_to_all_single_uneven(output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
-                             input_split_sizes: list[int], group) -> torch.Tensor:
-    """All-to-all along dim 0 with per-rank split sizes (uneven head splits under Ulysses).
-
-    Counted as kind "all_to_all" like the equal-split one, so the Ulysses volume of a
-    layer is one number whichever path moved it; only the splits for other ranks count.
-    """
-    me = dist.get_rank(group)
-    row = input[0].numel() if input.dim() > 1 else 1
-    nbytes = (sum(input_split_sizes) - input_split_sizes[me]) * row * input.element_size()
-    with _record("all_to_all", nbytes):
-        if len(set(input_split_sizes)) == 1 and len(set(output_split_sizes)) == 1:
-            dist.all_to_all_single(output, input, group=group)
-        else:
-            dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group)
-    return output
 
 
 class PendingShift:
@@ -172,9 +214,13 @@ def ring_shift(tensor: torch.Tensor, group, *, tag: int = 0, kind: str = "ring_p
     """Asynchronously send `tensor` to the next rank of `group` and receive the previous rank's.
 
     Ring attention passes K/V blocks (and, in backward, their gradient accumulators) one hop
-    per step with this; `tag` keeps two exchanges in flight between the same ranks apart.
-    The caller must not modify `tensor` before `wait()`.
+    per step with this; `tag` keeps two exchanges in flight between the same ranks apart on
+    gloo (NCCL matches point-to-point messages by issue order, which both ends share). The
+    send and the receive go out as one `batch_isend_irecv`: NCCL needs a rank's matching
+    send and receive grouped, or a ring of 2 can deadlock on large blocks and rings of 3+ on
+    the lazy creation of their communicators. The caller must not modify `tensor` before `wait()`.
     """
+    _check_device(tensor, group, kind)
     p = dist.get_world_size(group)
     me = dist.get_rank(group)
     tensor = tensor.contiguous()
@@ -183,5 +229,6 @@ def ring_shift(tensor: torch.Tensor, group, *, tag: int = 0, kind: str = "ring_p
     prv = dist.get_global_rank(group, (me - 1) % p) if group is not None else (me - 1) % p
     _bytes[kind] += tensor.numel() * tensor.element_size()
     _calls[kind] += 1
-    works = [dist.isend(tensor, nxt, group=group, tag=tag), dist.irecv(received, prv, group=group, tag=tag)]
-    return PendingShift(works, tensor, received, kind)
+    ops = [dist.P2POp(dist.isend, tensor, nxt, group=group, tag=tag),
+           dist.P2POp(dist.irecv, received, prv, group=group, tag=tag)]
+    return PendingShift(dist.batch_isend_irecv(ops), tensor, received, kind)

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from megatron.core.topology import Topology
 
 _STATE: ParallelState | None = None
 
@@ -50,6 +53,18 @@ class ParallelState:
     ring_size: int = 1
     ring_rank: int = 0
     sp2d_mesh: DeviceMesh | None = None
+    device_type: str = "cpu"
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.world_size, self.sp_size, self.ring_size)
+
+    @property
+    def device(self) -> torch.device:
+        """The device every tensor entering this state's collectives must live on."""
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(self.device_type)
 
     @property
     def ulysses_size(self) -> int:
@@ -94,24 +109,22 @@ class ParallelState:
 
 def sp_group_ranks(world_size: int, sp_size: int) -> list[list[int]]:
     """The SP groups as lists of global ranks (blocks of consecutive ranks)."""
-    return [list(range(start, start + sp_size)) for start in range(0, world_size, sp_size)]
+    return Topology(world_size, sp_size).sp_groups()
 
 
 def dp_group_ranks(world_size: int, sp_size: int) -> list[list[int]]:
     """The DP groups as lists of global ranks (strided by the SP size)."""
-    return [list(range(offset, world_size, sp_size)) for offset in range(sp_size)]
+    return Topology(world_size, sp_size).dp_groups()
 
 
 def ulysses_group_ranks(world_size: int, sp_size: int, ring_size: int) -> list[list[int]]:
     """The Ulysses (all-to-all) groups: blocks of sp_size / ring_size consecutive ranks."""
-    return sp_group_ranks(world_size, sp_size // ring_size)
+    return Topology(world_size, sp_size, ring_size).ulysses_groups()
 
 
 def ring_group_ranks(world_size: int, sp_size: int, ring_size: int) -> list[list[int]]:
     """The ring groups: inside each SP block, ranks strided by the Ulysses size."""
-    u = sp_size // ring_size
-    return [list(range(block + off, block + sp_size, u))
-            for block in range(0, world_size, sp_size) for off in range(u)]
+    return Topology(world_size, sp_size, ring_size).ring_groups()
 
 
 def initialize_model_parallel(
@@ -144,25 +157,11 @@ def initialize_model_parallel(
             "set both to 1 and scale with --ds-sequence-parallel-size and data parallelism"
         )
     world = dist.get_world_size()
-    sp = int(sequence_parallel_size)
-    if sp < 1:
-        raise ValueError(f"sequence_parallel_size must be >= 1, got {sp}")
-    if sp > world or world % sp:
-        raise ValueError(
-            f"the world size ({world}) must be a multiple of the sequence parallel size ({sp}): "
-            f"launch a multiple of {sp} processes or choose --ds-sequence-parallel-size among the "
-            f"divisors of {world}: {[d for d in range(1, world + 1) if world % d == 0]}"
-        )
-    ring = int(ring_attention_size)
-    if ring < 1 or sp % ring:
-        raise ValueError(
-            f"--ring-attention-size ({ring}) must be a positive divisor of "
-            f"--ds-sequence-parallel-size ({sp}): the SP group is split into ring x ulysses with "
-            f"ulysses = sp / ring. Choose among {[d for d in range(1, sp + 1) if sp % d == 0]}"
-        )
+    topology = Topology(world, int(sequence_parallel_size), int(ring_attention_size))
+    sp, ring = topology.sp_size, topology.ring_size
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    dp = world // sp
+    dp = topology.dp_size
     # Gloo gives up on a peer that is not listening yet after a few quick retries, so a rank
     # that reaches group creation well before the others (e.g. while they still save the
     # previous run's checkpoint) can fail; meet on the default group first.
@@ -173,10 +172,10 @@ def initialize_model_parallel(
     if ring > 1:  # row-major (dp, ring, ulysses): the Ulysses coordinate varies fastest
         sp2d_mesh = init_device_mesh(device_type, (dp, ring, sp // ring),
                                      mesh_dim_names=("dp", "ring", "ulysses"))
-    rank = dist.get_rank()
-    state = ParallelState(world_size=world, rank=rank, sp_size=sp, sp_rank=rank % sp,
-                          dp_size=dp, dp_rank=rank // sp, mesh=mesh, sdp_mesh=sdp_mesh,
-                          ring_size=ring, ring_rank=(rank % sp) // (sp // ring), sp2d_mesh=sp2d_mesh)
+    c = topology.coords(dist.get_rank())
+    state = ParallelState(world_size=world, rank=c.rank, sp_size=sp, sp_rank=c.sp_rank,
+                          dp_size=dp, dp_rank=c.dp_rank, mesh=mesh, sdp_mesh=sdp_mesh,
+                          ring_size=ring, ring_rank=c.ring_rank, sp2d_mesh=sp2d_mesh, device_type=device_type)
     _STATE = state
     return state
 

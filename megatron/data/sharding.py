@@ -27,33 +27,22 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from megatron.core.sequence_parallel.layout import token_ranges
 from megatron.data.samplers import MegatronPretrainingSampler
 
 
 def sp_slice_bounds(seq_length: int, sp_rank: int, sp_size: int) -> tuple:
-    """[start, stop) of the input tokens this SP rank owns."""
-    if sp_size < 1 or not 0 <= sp_rank < sp_size:
-        raise ValueError(f"sequence parallel rank {sp_rank} not in [0, {sp_size})")
-    if seq_length % sp_size:
-        raise ValueError(
-            f"--seq-length {seq_length} must be divisible by --ds-sequence-parallel-size {sp_size}")
-    n = seq_length // sp_size
-    return sp_rank * n, (sp_rank + 1) * n
+    """[start, stop) of the input tokens this SP rank owns (plain Ulysses)."""
+    return token_ranges(seq_length, sp_size, sp_rank)[0]
 
 
 def sp_token_ranges(seq_length: int, sp_rank: int, sp_size: int, ring_size: int = 1) -> list:
     """This rank's tokens as contiguous `(start, stop)` ranges of the sample, in local order.
 
-    Plain Ulysses: one block. With a ring (`--ring-attention-size R`), the zigzag layout of
-    `megatron.core.sequence_parallel.hybrid.sequence_shard_indices`: at most two blocks.
+    Plain Ulysses: one block. With a ring (`--ring-attention-size R`), the zigzag layout: at
+    most two blocks. The layout itself is megatron.core.sequence_parallel.layout's.
     """
-    if ring_size == 1:
-        return [sp_slice_bounds(seq_length, sp_rank, sp_size)]
-    from megatron.core.sequence_parallel.hybrid import sequence_shard_indices
-
-    idx = sequence_shard_indices(seq_length, sp_size=sp_size, ring_size=ring_size, sp_rank=sp_rank).numpy()
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(idx, breaks)]
+    return token_ranges(seq_length, sp_size, sp_rank, ring_size)
 
 
 def get_sp_batch(dataset, sample_indices: Sequence[int], seq_length: int, sp_rank: int, sp_size: int,

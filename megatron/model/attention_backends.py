@@ -9,8 +9,10 @@ Masks, in Megatron's convention so ported code keeps its meaning:
 * `attention_mask`: bool, True = do NOT attend; or float, added to the scores.
   Broadcastable to `[b, hq, sq, sk]` (under SP give it for the full sequence and with a
   head dim of 1).
-* `segment_ids`: `[b, s]` document ordinals of the full sequence; a query attends only
-  to keys of its own document (runs of equal ids), on top of causality.
+* `segment_ids`: the documents of the full sequences, a `megatron.core.documents.Documents`
+  (what the training path passes: every form a kernel needs is derived once per micro-batch,
+  no layer waits for the GPU) or a `[b, s]` tensor of ids (converted with one host sync);
+  a query attends only to keys of its own document (a run of equal ids), on top of causality.
 
 `classic` is the reference (explicit fp32 softmax, any mask); `triton` is the project's
 own FlashAttention-2 kernel (megatron/model/triton_attention.py, GPU or TRITON_INTERPRET=1);
@@ -27,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from megatron.core.documents import Documents, as_documents
 
 
 class LocalAttention(nn.Module):
@@ -72,12 +76,21 @@ def keep_mask(sq: int, sk: int, *, causal: bool, segment_ids: torch.Tensor | Non
         # queries are the last sq positions of the sk keys (sq == sk in training)
         keep = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)[None, None]
     if segment_ids is not None:
+        if isinstance(segment_ids, Documents):
+            segment_ids = segment_ids.to(device).segment_ids
         seg = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [b, 1, s, s]
         keep = seg if keep is None else keep & seg
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         allowed = ~attention_mask
         keep = allowed if keep is None else keep & allowed
     return keep
+
+
+def _flash_gqa_ok(q: torch.Tensor, attention_mask) -> bool:
+    """SDPA's `enable_gqa` is honoured only by its CUDA flash kernel (fp16/bf16, head dim <= 256, no
+    mask); elsewhere it silently routes to the O(N^2) math kernel, so expanding K/V is better there."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and attention_mask is None and torch.backends.cuda.flash_sdp_enabled())
 
 
 class ClassicAttention(LocalAttention):
@@ -88,6 +101,7 @@ class ClassicAttention(LocalAttention):
     def forward(self, q, k, v, attention_mask=None, segment_ids=None):
         q, k, v = self._to_bhsd(q), self._to_bhsd(k), self._to_bhsd(v)
         group = _check_heads(q, k, v)
+        segment_ids = as_documents(segment_ids)
         if group > 1:  # [b, hkv, s, d] -> [b, hq, s, d]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self._scale(q.shape[-1])
@@ -114,37 +128,41 @@ class SDPAttention(LocalAttention):
         group = _check_heads(q, k, v)
         dropout = self.dropout_p if self.training else 0.0
         scale = self._scale(q.shape[-1])
-        if group > 1:  # [b, hkv, s, d] -> [b, hq, s, d]; the CPU flash kernel has no native GQA
+        segment_ids = as_documents(segment_ids)
+        gqa = {}
+        if group > 1 and _flash_gqa_ok(q, attention_mask):  # the CUDA flash kernel reads K/V heads in place
+            gqa = {"enable_gqa": True}
+        elif group > 1:  # [b, hkv, s, d] -> [b, hq, s, d]: any other kernel would fall back to O(N^2) math
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if attention_mask is None and segment_ids is not None and self.causal:
-            out = self._per_document(q, k, v, segment_ids, dropout, scale)
+            out = self._per_document(q, k, v, segment_ids, dropout, scale, gqa)
         elif attention_mask is None and segment_ids is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal, scale=scale,
+                                                 **gqa)
         else:
             mask = keep_mask(q.shape[2], k.shape[2], causal=self.causal, segment_ids=segment_ids,
                              attention_mask=attention_mask, device=q.device)
             if attention_mask is not None and attention_mask.dtype != torch.bool:
                 additive = attention_mask.to(q.dtype)
                 mask = additive if mask is None else additive.masked_fill(~mask, float("-inf"))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, **gqa)
         return self._from_bhsd(out)
 
     @staticmethod
-    def _per_document(q, k, v, segment_ids, dropout, scale):
-        """Causal attention inside each run of equal segment ids, one kernel call per run.
+    def _per_document(q, k, v, docs: Documents, dropout, scale, gqa):
+        """Causal attention inside each document, one kernel call per document.
 
-        Keeps the flash kernel's O(N) memory for document-causal masks instead of
-        building an N x N mask.
+        Keeps the flash kernel's O(N) memory for document-causal masks instead of building
+        an N x N mask; the document lengths are host ints (no device sync per layer).
         """
         out = torch.empty_like(q)
-        for bi in range(q.shape[0]):
-            _, counts = torch.unique_consecutive(segment_ids[bi], return_counts=True)
+        for bi, lengths in enumerate(docs.lengths):
             start = 0
-            for n in counts.tolist():
+            for n in lengths:
                 sl = slice(start, start + n)
                 out[bi:bi + 1, :, sl] = F.scaled_dot_product_attention(
                     q[bi:bi + 1, :, sl], k[bi:bi + 1, :, sl], v[bi:bi + 1, :, sl],
-                    dropout_p=dropout, is_causal=True, scale=scale)
+                    dropout_p=dropout, is_causal=True, scale=scale, **gqa)
                 start += n
         return out
 
@@ -169,19 +187,18 @@ class FlashAttnAttention(LocalAttention):
         if self.layout == "sbhd":  # [s, b, h, d] -> [b, s, h, d]
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         q, k, v = (t.contiguous() for t in (q, k, v))
-        if segment_ids is None:
+        docs = as_documents(segment_ids)
+        if docs is None:
             out = self._fa.flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scale, causal=self.causal)
         else:
             b, s = q.shape[:2]
-            starts = torch.ones_like(segment_ids, dtype=torch.bool)
-            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-            # every row also starts a new sequence at its first token: flatten to [b*s]
-            idx = torch.nonzero(starts.flatten(), as_tuple=False).flatten()
-            cu = torch.cat([idx, idx.new_tensor([b * s])]).to(torch.int32)
-            max_len = int((cu[1:] - cu[:-1]).max())
+            # every document of every row is one varlen sequence of the flattened [b * s] tokens;
+            # cu_seqlens (int32, on the GPU) and max_seqlen (a host int) come precomputed
+            docs = docs.to(q.device)
             out = self._fa.flash_attn_varlen_func(
-                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len,
-                dropout_p=dropout, softmax_scale=scale, causal=self.causal).unflatten(0, (b, s))
+                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), docs.cu_seqlens, docs.cu_seqlens,
+                docs.max_seqlen, docs.max_seqlen, dropout_p=dropout, softmax_scale=scale,
+                causal=self.causal).unflatten(0, (b, s))
         return out.transpose(0, 1) if self.layout == "sbhd" else out
 
 

@@ -20,43 +20,59 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the logits matmul runs in: autocast's when it is on (as for the untiled
+    loss's F.linear), else the hidden states'."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
 class _TiledLinearCrossEntropy(torch.autograd.Function):
+    """Forward and backward both compute the logits in `ctx.dtype` with autocast off, so the
+    probabilities the backward rebuilds, exp(logits - lse), are exactly the forward's."""
+
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tile: int):
         # hidden [n, h], weight [V, h], labels [n]
+        dtype = _compute_dtype(hidden)
         n = hidden.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        w = weight.to(hidden.dtype)
-        for i in range(0, n, tile):
-            logits = (hidden[i:i + tile] @ w.t()).float()  # [t, V]
-            lse[i:i + tile] = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, labels[i:i + tile, None]).squeeze(1)
-            losses[i:i + tile] = lse[i:i + tile] - target
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for i in range(0, n, tile):
+                logits = (hidden[i:i + tile].to(dtype) @ w.t()).float()  # [t, V]
+                lse[i:i + tile] = torch.logsumexp(logits, dim=-1)
+                target = logits.gather(1, labels[i:i + tile, None]).squeeze(1)
+                losses[i:i + tile] = lse[i:i + tile] - target
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.tile = tile
+        ctx.tile, ctx.dtype = tile, dtype
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
         hidden, weight, labels, lse = ctx.saved_tensors
-        tile = ctx.tile
-        w = weight.to(hidden.dtype)
+        tile, dtype = ctx.tile, ctx.dtype
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        for i in range(0, hidden.shape[0], tile):
-            h = hidden[i:i + tile]
-            logits = (h @ w.t()).float()  # [t, V]
-            # d loss_i / d logits_i = softmax(logits_i) - onehot(label_i), scaled by the incoming
-            # grad; computed in place so a tile costs one [t, V] buffer
-            probs = logits.sub_(lse[i:i + tile, None]).exp_()
-            probs[torch.arange(h.shape[0], device=h.device), labels[i:i + tile]] -= 1.0
-            probs *= grad_losses[i:i + tile, None].float()
-            if grad_hidden is not None:
-                grad_hidden[i:i + tile] = (probs.to(w.dtype) @ w).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += probs.t() @ h.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for i in range(0, hidden.shape[0], tile):
+                h = hidden[i:i + tile].to(dtype)
+                logits = (h @ w.t()).float()  # [t, V], exactly the forward's
+                # d loss_i / d logits_i = softmax(logits_i) - onehot(label_i), scaled by the incoming
+                # grad; computed in place so a tile costs one [t, V] buffer
+                probs = logits.sub_(lse[i:i + tile, None]).exp_()
+                probs[torch.arange(h.shape[0], device=h.device), labels[i:i + tile]] -= 1.0
+                probs *= grad_losses[i:i + tile, None].float()
+                g = probs.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[i:i + tile] = (g @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (g.t() @ h).float()
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
@@ -73,6 +89,25 @@ def tiled_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     return _TiledLinearCrossEntropy.apply(hidden, weight, labels, tile_tokens)
 
 
+class TiledLanguageModelLoss(nn.Module):
+    """`LanguageModelLoss` computed in tiles of `tile_tokens` tokens (forward and backward)."""
+
+    def __init__(self, tile_tokens: int) -> None:
+        super().__init__()
+        if tile_tokens <= 0:
+            raise ValueError(f"tile_tokens must be positive, got {tile_tokens}")
+        self.tile_tokens = tile_tokens
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        s, b, h = hidden.shape
+        losses = tiled_cross_entropy(hidden.reshape(s * b, h), weight, labels.t().reshape(s * b),
+                                     self.tile_tokens)  # [s * b]
+        return losses.view(s, b).t()  # [s, b] -> [b, s]
+
+    def extra_repr(self) -> str:
+        return f"tile_tokens={self.tile_tokens}"
+
+
 def tiled_apply(module: nn.Module, x: torch.Tensor, num_tiles: int) -> torch.Tensor:
     """`module(x)` computed on `num_tiles` slices of dim 0 (the sequence), each recomputed in
     backward, so only one tile's intermediate activations are alive at a time."""
@@ -80,5 +115,5 @@ def tiled_apply(module: nn.Module, x: torch.Tensor, num_tiles: int) -> torch.Ten
         raise ValueError(f"num_tiles must be >= 1, got {num_tiles}")
     if num_tiles == 1 or not torch.is_grad_enabled():
         return module(x)
-    tiles = x.tensor_split(num_tiles, dim=0)  # [s/p, b, h] -> num_tiles x [~s/(p T), b, h]
+    tiles = x.tensor_split(num_tiles, dim=0)  # [s, b, h] -> num_tiles x [~s/T, b, h]
     return torch.cat([checkpoint(module, t, use_reentrant=False) for t in tiles], dim=0)

@@ -115,6 +115,8 @@ class TritonAttention(LocalAttention):
         b, hq, s, d = q.shape
         run_start = run_end = None
         if segment_ids is not None:
+            if hasattr(segment_ids, "lengths"):  # a megatron.core.documents.Documents
+                segment_ids = segment_ids.to(q.device).segment_ids
             if tuple(segment_ids.shape) != (b, s):
                 raise ValueError(f"segment_ids must be [batch, seq] = [{b}, {s}] (the full sequence), "
                                  f"got {list(segment_ids.shape)}")

@@ -1,8 +1,10 @@
-"""`pretrain(cfg)`: initialise, build model/optimizer/data, train, evaluate, save.
+"""`pretrain(cfg)`: initialise, build the model, parallelize it, train, evaluate, save.
 
-The model and data are built by providers (`model_provider(cfg, parallel_state)`,
-`data_provider(cfg, parallel_state, consumed_samples)`) so that `pretrain_gpt.py`
-stays a few lines and tests or new model types can swap either one.
+The model and data are built by providers (`model_provider(cfg, parallel_state)` returns
+the plain model, by default a `GPTModel` on the meta device; `data_provider(cfg,
+parallel_state, consumed_samples)`) so that `pretrain_gpt.py` stays a few lines and tests
+or new model types can swap either one. `parallelize_gpt` then applies SP, recompute,
+tiling, offload and ZeRO and materialises this rank's shards.
 """
 
 from __future__ import annotations
@@ -17,17 +19,21 @@ import torch
 from megatron.config import RunConfig
 from megatron.core import comm
 from megatron.initialize import initialize_megatron, set_seed
+from megatron.parallel import parallelize_gpt
+from megatron.parallel.data_parallel import zero_formula_bytes
 from megatron.training.checkpointing import load_checkpoint, save_checkpoint
-from megatron.training.distributed import wrap_model, zero_formula_bytes
 from megatron.training.metrics import RunLogger
 from megatron.training.optimizer import build_optimizer
 from megatron.training.training import Trainer
 
 
 def default_model_provider(cfg: RunConfig, parallel_state) -> torch.nn.Module:
+    """The plain GPT model on the meta device: no memory until parallelize_gpt allocates this
+    rank's shards (a 30B model never exists whole on one GPU)."""
     from megatron.model import GPTModel  # noqa: PLC0415
 
-    return GPTModel(cfg.model, parallel_state)
+    with torch.device("meta"):
+        return GPTModel(cfg.model)
 
 
 def default_data_provider(cfg: RunConfig, parallel_state, consumed_samples: int):
@@ -64,15 +70,16 @@ def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_ho
                  f"{cfg.train.micro_batch_size} x {cfg.num_micro_batches} accumulation x dp {ps.dp_size} = global "
                  f"batch {cfg.train.global_batch_size} | {cfg.tokens_per_step} tokens per step | "
                  f"{cfg.optim.dtype_name} | threads {torch.get_num_threads()}")
-    model = model_provider(cfg, ps).to(device)
+    model = model_provider(cfg, ps)
     num_params = sum(p.numel() for p in model.parameters())
-    # Same seed everywhere built identical replicas; from here on the RNG drives dropout,
-    # which must differ between ranks that hold different tokens or heads.
+    # Same seed everywhere: every rank initialises (its shards of) identical replicas
+    model = parallelize_gpt(model, ps, cfg.parallel, device=device, precision=cfg.optim.dtype_name)
+    # from here on the RNG drives dropout, which must differ between ranks that hold
+    # different tokens or heads
     set_seed(cfg.train.seed + 1 + ps.rank)
-    model = wrap_model(model, cfg.parallel.zero_stage, ps, device)
     optimizer, opt_name = build_optimizer(model, cfg.optim, cfg.parallel.zero_stage, ps)
     logger.print(f"> model: {num_params:,} parameters | optimizer: {opt_name} | attention backend: "
-                 f"{cfg.model.attention_backend} | recompute: {cfg.model.recompute_granularity}")
+                 f"{cfg.parallel.attention_backend} | recompute: {cfg.parallel.recompute_granularity}")
     logger.event("config", world_size=cfg.world_size, sp=ps.sp_size, dp=ps.dp_size,
                  zero_stage=cfg.parallel.zero_stage, num_params=num_params, optimizer=opt_name,
                  train_iters=cfg.train.train_iters, global_batch_size=cfg.train.global_batch_size,

@@ -21,9 +21,10 @@ import torch.distributed as dist
 
 from megatron.config import RunConfig
 from megatron.core import comm
-from megatron.model.loss import loss_for_backward, masked_loss_sum
-from megatron.training.distributed import grad_sync_context, grads_are_sharded, memory_breakdown
-from megatron.training.flops import flops_per_step
+from megatron.core.documents import Documents
+from megatron.parallel.data_parallel import grad_sync_context, grads_are_sharded, memory_breakdown
+from megatron.planning.flops import flops_per_step
+from megatron.training.loss import check_tokens, global_token_count, loss_for_backward, masked_loss_sum
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import RunLogger, peak_memory_bytes
 from megatron.training.optimizer import clip_gradients_, global_grad_norm
@@ -69,17 +70,24 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _to_device(self, mb: dict) -> dict:
-        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in mb.items()}
+        """Move a micro-batch to the training device. On a GPU the host tensors are pinned first so
+        the copies are truly asynchronous (a non_blocking copy from pageable memory is not)."""
+        cuda = self.device.type == "cuda"
+
+        def move(v):
+            if isinstance(v, Documents):
+                return v.to(self.device)
+            if not torch.is_tensor(v):
+                return v
+            if cuda and v.device.type == "cpu":
+                return v.pin_memory().to(self.device, non_blocking=True)
+            return v.to(self.device)
+        return {k: move(v) for k, v in mb.items()}
 
     def _global_token_count(self, micro_batches: list) -> torch.Tensor:
         """Unmasked tokens of the whole global batch (all micro-batches, all ranks), before any
-        forward. Counted on the training device: NCCL cannot reduce CPU tensors."""
-        count = sum(mb["loss_mask"].double().sum() for mb in micro_batches).reshape(())
-        if self.parallel_state.sdp_size > 1:
-            comm.all_reduce(count, group=self.parallel_state.sdp_group, kind="all_reduce_tokens")
-        if count.item() == 0:
-            raise ValueError("the global batch has no unmasked token (loss_mask is all zero; see --eod-mask-loss)")
-        return count
+        forward, as a device tensor (NCCL cannot reduce CPU tensors; nothing waits for it)."""
+        return global_token_count([mb["loss_mask"] for mb in micro_batches], self.parallel_state.sdp_group)
 
     def _forward(self, mb: dict) -> torch.Tensor:
         with autocast_context(self.cfg.optim, self.device.type):
@@ -124,7 +132,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if ps.sdp_size > 1:
             comm.all_reduce(loss_sum, group=ps.sdp_group, kind="all_reduce_loss")
-        return {"lm_loss": float(loss_sum.item() / num_tokens.item()), "grad_norm": grad_norm,
+        tokens = float(num_tokens.item())  # the step's one read of the loss (logging needs it anyway)
+        check_tokens(tokens)
+        return {"lm_loss": float(loss_sum.item() / tokens), "grad_norm": grad_norm,
                 "skipped": found_inf, "lr": lr, "loss_scale": scale}
 
     # ------------------------------------------------------------------ evaluation

@@ -151,7 +151,7 @@ def test_printed_flags_rebuild_the_same_model():
     for family in ("gpt3", "llama"):
         config = tiny_config(family, kv_channels=8)
         got = run_config_for(config).model
-        keep = ("attention_backend", "recompute_granularity", "init_method_std", "attention_softmax_in_fp32")
+        keep = ("init_method_std",)
         assert got.replace(**{k: getattr(config, k) for k in keep}) == config
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron.core.memory_tracker import MemoryTracker
+from megatron.planning.memory_tracker import MemoryTracker
 
 MB4 = 1000 * 1000 * 4
 

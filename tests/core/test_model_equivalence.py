@@ -6,19 +6,19 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron.config import ModelConfig
+from megatron.config import ModelConfig, ParallelConfig
 from megatron.core import parallel_state as ps
 from megatron.model import GPTModel
-from megatron.model.loss import all_reduce_gradients, global_token_count, loss_for_backward
+from megatron.parallel import parallelize_gpt
+from megatron.training.loss import global_token_count, loss_for_backward
 from tests.utils import rel_err
 
 S, B_PER_DP, V = 16, 2, 96
 
 
-def make_config(family, backend="sdpa", recompute=None, **extra):
-    common = dict(**extra,num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=V,
-                  max_position_embeddings=S, hidden_dropout=0.0, attention_dropout=0.0,
-                  attention_backend=backend, recompute_granularity=recompute)
+def make_config(family, **extra):
+    common = dict(**extra, num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=V,
+                  max_position_embeddings=S, hidden_dropout=0.0, attention_dropout=0.0)
     if family == "gpt3":
         return ModelConfig.gpt3(**common)
     return ModelConfig.llama(num_query_groups=4, ffn_hidden_size=96, **common)
@@ -44,15 +44,22 @@ def make_batch(step, batch, masked):
     return tokens, labels, loss_mask, pos, seg
 
 
-def _equivalence(sp, family, masked, backend="sdpa", recompute=None, steps=3, extra=None):
+def _equivalence(sp, family, masked, backend="sdpa", recompute=None, steps=3, extra=None, meta=False):
     state = ps.initialize_model_parallel(sequence_parallel_size=sp)
     dp = state.dp_size
-    cfg = make_config(family, backend, recompute, **(extra or {}))
+    cfg = make_config(family)
+    strategy = ParallelConfig(sequence_parallel_size=sp, attention_backend=backend, recompute_granularity=recompute,
+                              **(extra or {}))
     torch.manual_seed(1234)
     ref = GPTModel(cfg)
     torch.manual_seed(1234)
-    model = GPTModel(cfg, state)
-    same_init = all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
+    if meta:  # built without memory, materialised (and initialised) by parallelize_gpt
+        with torch.device("meta"):
+            plain = GPTModel(cfg)
+    else:
+        plain = GPTModel(cfg)
+    model = parallelize_gpt(plain, state, strategy)  # DDP over SP x DP: averages the gradients
+    same_init = all(torch.equal(a, _full(b)) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
     # SGD with momentum: its update is linear in the gradient, so fp32 rounding stays at
     # rounding level. (Adam's g/sqrt(v) turns rounding noise on ~0 gradients into
     # lr-sized differences, which would test Adam, not sequence parallelism.)
@@ -76,23 +83,28 @@ def _equivalence(sp, family, masked, backend="sdpa", recompute=None, steps=3, ex
         local = lambda t: None if t is None else t[rows, cols].contiguous()  # noqa: E731
         per_tok = model(local(tokens), local(pos), labels=local(labels), segment_ids=local(seg))
         count = global_token_count(local(mask), state.sdp_group)
-        loss = loss_for_backward(per_tok, local(mask), count)
+        loss = loss_for_backward(per_tok, local(mask), count, state.sdp_size)
         loss.backward()
-        all_reduce_gradients(model.parameters(), state.sdp_group)
         total = loss.detach().clone()
         dist.all_reduce(total, group=state.sdp_group)
+        total /= state.sdp_size
         errs["out"] = max(errs["out"], rel_err(per_tok, ref_tok[rows, cols]))
         errs["loss"] = max(errs["loss"], rel_err(total, ref_loss))
         for (name, p), pr in zip(model.named_parameters(), ref.parameters()):
-            e = rel_err(p.grad, pr.grad)
+            e = rel_err(_full(p.grad), pr.grad)
             if e > errs["grad"]:
                 errs["grad"], worst_grad = e, name
         opt.step()
         for p, pr in zip(model.parameters(), ref.parameters()):
-            errs["param"] = max(errs["param"], rel_err(p, pr))
+            errs["param"] = max(errs["param"], rel_err(_full(p), pr))
     n_grads = sum(p.grad is not None for p in model.parameters())
     ps.destroy_model_parallel()
     return errs, worst_grad, same_init, n_grads, len(list(model.parameters()))
+
+
+def _full(t):
+    """The whole tensor of a (possibly FSDP-sharded) parameter or gradient."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 TOPOLOGIES = [(2, 2), (4, 4), (4, 2)]  # (world, sp): P=2, P=4, DP 2 x SP 2
@@ -112,9 +124,21 @@ def test_sequence_parallel_model_equals_single_process(ranks, world, sp, family,
     ("classic", None, None), ("sdpa", "full", None), ("sdpa", "selective", None),
     ("sdpa", None, {"ulysses_overlap_chunks": 2}),
     ("sdpa", "full", {"loss_tile_tokens": 3, "mlp_tiles": 2, "ulysses_overlap_chunks": 2}),
+    ("sdpa", "full", {"zero_stage": 3, "loss_tile_tokens": 5}),
 ])
 def test_backends_recompute_tiling_overlap_keep_equivalence(ranks, backend, recompute, extra):
     for errs, worst, *_ in ranks(4, _equivalence, 2, "llama", True, backend, recompute, 2, extra):
+        assert max(errs.values()) < 1e-5, (errs, worst)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_meta_built_model_starts_from_the_reference_weights(ranks, zero_stage):
+    """Built on the meta device, sharded (ZeRO-3) or not, then materialised rank by rank: the
+    parameters are bit-identical to the single-process model's and training stays equal."""
+    for errs, worst, same_init, n_grads, n_params in ranks(4, _equivalence, 2, "gpt3", True, "sdpa", None, 2,
+                                                          {"zero_stage": zero_stage}, True):
+        assert same_init
+        assert n_grads == n_params
         assert max(errs.values()) < 1e-5, (errs, worst)
 
 
@@ -143,7 +167,7 @@ def test_tiled_loss_and_mlp_equal_untiled():
     results = []
     for tiles in ({}, {"loss_tile_tokens": 5, "mlp_tiles": 3}, {"loss_tile_tokens": 64, "mlp_tiles": 16}):
         torch.manual_seed(7)
-        model = GPTModel(base.replace(**tiles))
+        model = parallelize_gpt(GPTModel(base), None, ParallelConfig(**tiles))
         loss = model(tokens, pos, labels=labels, segment_ids=seg)
         (loss * mask).sum().backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))

@@ -228,7 +228,7 @@ def test_blended_dataset_sp_slices(tmp_path):
 def test_ring_zigzag_slices_match_sequence_shard_indices(tmp_path, sp, ring):
     """With a ring each rank reads its zigzag ranges; they equal the full sample indexed by
     the model's `sequence_shard_indices`, masks and positions included."""
-    from megatron.core.sequence_parallel.hybrid import sequence_shard_indices
+    from megatron.core.sequence_parallel.layout import sequence_shard_indices
     from megatron.data.sharding import sp_token_ranges
 
     seq = 48

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from megatron.config import ModelConfig
-from megatron.training.memory_estimate import GIB, estimate_memory, largest_seq_length, sequence_granularity
+from megatron.planning.memory_estimate import GIB, estimate_memory, largest_seq_length, sequence_granularity
 from tools.estimate_memory import main
 
 # the model flags of examples_seq_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh
@@ -45,9 +45,9 @@ def test_verdict_and_longest_sequence_agree_with_the_library(capsys):
     assert code == 0 and data["fits"] == (data["peak"] <= data["budget_bytes"])
     assert data["budget_bytes"] == 38 * GIB  # 40 GiB minus the default 2 GiB reserve
     cfg = ModelConfig.gpt3(num_layers=24, hidden_size=2048, num_attention_heads=16, vocab_size=50304,
-                           max_position_embeddings=32768, init_method_std=0.013, attention_backend="flash-attn",
-                           recompute_granularity="full")
-    settings = dict(sequence_parallel_size=4, zero_stage=1, precision="bf16", autocast_weight_cache=False)
+                           max_position_embeddings=32768, init_method_std=0.013)
+    settings = dict(sequence_parallel_size=4, zero_stage=1, precision="bf16", autocast_weight_cache=False,
+                    attention_backend="flash-attn", recompute_granularity="full")
     assert data["peak"] == estimate_memory(cfg, 32768, **settings)["peak"]
     n = data["largest_seq_length"]
     assert n == largest_seq_length(cfg, 38 * GIB, **settings)

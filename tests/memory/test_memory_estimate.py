@@ -14,24 +14,35 @@ Every case must agree within TOLERANCE (15 %); today they agree within ~5 % (mos
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from megatron.config import ModelConfig
+from megatron.config import ModelConfig, ParallelConfig
 from megatron.core import parallel_state as ps
-from megatron.core.memory_tracker import MemoryTracker
 from megatron.model import GPTModel
-from megatron.training.memory_estimate import estimate_memory, parameter_tensors, zero1_partition_max
+from megatron.parallel import parallelize_gpt
+from megatron.planning.memory_estimate import estimate_memory, parameter_tensors, zero1_partition_max
+from megatron.planning.memory_tracker import MemoryTracker
 
 TOLERANCE = 0.15
 
 
+STRATEGY = {f.name for f in dataclasses.fields(ParallelConfig)}
+
+
+def strategy(changes: dict) -> dict:
+    """The ParallelConfig part of a case's changes (attention kernel, recompute, tiling)."""
+    return {k: v for k, v in changes.items() if k in STRATEGY}
+
+
 def make_config(family: str, **kw) -> ModelConfig:
+    """The model part of a case's changes (strategy keys are left to `strategy`)."""
     base = dict(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=1024,
                 max_position_embeddings=4096, hidden_dropout=0.0, attention_dropout=0.0)
-    base.update(kw)
+    base.update({k: v for k, v in kw.items() if k not in STRATEGY})
     if family == "gpt3":
         return ModelConfig.gpt3(**base)
     base.setdefault("num_query_groups", 4)  # GQA: exercises the K/V repeat inside attention
@@ -39,11 +50,18 @@ def make_config(family: str, **kw) -> ModelConfig:
     return ModelConfig.llama(**base)
 
 
+def build(cfg: ModelConfig, state=None, **changes):
+    """The model as a run builds it, without the data-parallel engine (measured alone)."""
+    parallel = ParallelConfig(sequence_parallel_size=state.sp_size if state is not None else 1,
+                              ring_attention_size=state.ring_size if state is not None else 1, **strategy(changes))
+    return parallelize_gpt(GPTModel(cfg), state, parallel, data_parallel=False).train()
+
+
 def measure_step_peak(cfg: ModelConfig, seq_length: int, state=None, bf16: bool = False,
-                      micro_batch: int = 1) -> int:
+                      micro_batch: int = 1, **changes) -> int:
     """Peak live tensor bytes of one forward + backward on this rank's shard."""
     torch.manual_seed(0)
-    model = GPTModel(cfg, state).train()
+    model = build(cfg, state, **changes)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # persistent gradient buffers, as under DDP
     sp = state.sp_size if state is not None else 1
@@ -95,8 +113,9 @@ SINGLE = [  # family, config changes, N, bf16
 @pytest.mark.parametrize("family,changes,seq,bf16", SINGLE)
 def test_single_process_step_peak_matches_estimate(family, changes, seq, bf16):
     cfg = make_config(family, **changes)
-    measured = measure_step_peak(cfg, seq, bf16=bf16)
-    assert_agrees(measured, cfg, seq, f"{family} {changes} N={seq}", precision="bf16" if bf16 else "fp32")
+    measured = measure_step_peak(cfg, seq, bf16=bf16, **changes)
+    assert_agrees(measured, cfg, seq, f"{family} {changes} N={seq}", precision="bf16" if bf16 else "fp32",
+                  **strategy(changes))
 
 
 def test_micro_batch_of_two():
@@ -106,7 +125,7 @@ def test_micro_batch_of_two():
 
 def _sp_peak(family, changes, seq, ring=1):
     state = ps.initialize_model_parallel(sequence_parallel_size=dist.get_world_size(), ring_attention_size=ring)
-    return measure_step_peak(make_config(family, **changes), seq, state)
+    return measure_step_peak(make_config(family, **changes), seq, state, **changes)
 
 
 SP2 = [  # family, changes, N, ring size (2 = pure ring attention over the two ranks)
@@ -124,18 +143,18 @@ SP2 = [  # family, changes, N, ring size (2 = pure ring attention over the two r
 def test_sequence_parallel_step_peak_matches_estimate(ranks, family, changes, seq, ring):
     peaks = ranks(2, _sp_peak, family, changes, seq, ring)
     assert_agrees(max(peaks), make_config(family, **changes), seq, f"SP=2 ring {ring} {family} {changes} N={seq}",
-                  sequence_parallel_size=2, ring_attention_size=ring)
+                  sequence_parallel_size=2, ring_attention_size=ring, **strategy(changes))
 
 
 def _zero_states(stage):
     from megatron.config import OptimConfig  # noqa: PLC0415
-    from megatron.training.distributed import memory_breakdown, wrap_model  # noqa: PLC0415
+    from megatron.parallel.data_parallel import memory_breakdown  # noqa: PLC0415
     from megatron.training.optimizer import build_optimizer  # noqa: PLC0415
 
     state = ps.initialize_model_parallel(sequence_parallel_size=1)  # DP 2: ZeRO over both ranks
     cfg = make_config("gpt3", vocab_size=256, num_layers=3)
     torch.manual_seed(0)
-    model = wrap_model(GPTModel(cfg, state), stage, state, torch.device("cpu"))
+    model = parallelize_gpt(GPTModel(cfg), state, ParallelConfig(zero_stage=stage))
     optimizer, _ = build_optimizer(model, OptimConfig(lr=1e-3), stage, state)
     tokens = torch.randint(0, cfg.vocab_size, (1, 64))
     model(tokens, labels=tokens).sum().backward()
@@ -175,11 +194,11 @@ def test_zero1_partition_is_greedy_largest_first():
 def test_estimate_responds_to_the_memory_levers():
     """Recompute, tiling, SP and ZeRO must each lower what they are meant to lower."""
     base = make_config("gpt3", num_layers=24, hidden_size=2048, num_attention_heads=16, vocab_size=50304,
-                       max_position_embeddings=32768, attention_backend="flash-attn")
-    est = lambda m, **kw: estimate_memory(m, 32768, precision="bf16", **kw)  # noqa: E731
+                       max_position_embeddings=32768)
+    est = lambda m, **kw: estimate_memory(m, 32768, precision="bf16", attention_backend="flash-attn", **kw)  # noqa: E731
     plain = est(base, sequence_parallel_size=4)
-    full = est(base.replace(recompute_granularity="full"), sequence_parallel_size=4)
-    tiled = est(base.replace(recompute_granularity="full", loss_tile_tokens=1024), sequence_parallel_size=4)
+    full = est(base, recompute_granularity="full", sequence_parallel_size=4)
+    tiled = est(base, recompute_granularity="full", loss_tile_tokens=1024, sequence_parallel_size=4)
     assert full["activations"] < plain["activations"] / 8
     assert full["activations"] == plain["activations_full_recompute"]
     assert tiled["logits_loss"] < full["logits_loss"] / 4
@@ -199,11 +218,11 @@ def test_estimate_responds_to_the_memory_levers():
 LAYER_TOLERANCE = 0.02
 
 
-def measure_layer_saved(cfg: ModelConfig, seq_length: int, state=None, bf16: bool = False) -> int:
+def measure_layer_saved(cfg: ModelConfig, seq_length: int, state=None, bf16: bool = False, **changes) -> int:
     live = []
     for layers in (1, 2):
         torch.manual_seed(0)
-        model = GPTModel(cfg.replace(num_layers=layers), state).train()
+        model = build(cfg.replace(num_layers=layers), state, **changes)
         sp = state.sp_size if state is not None else 1
         rank = state.sp_rank if state is not None else 0
         local = seq_length // sp
@@ -245,12 +264,13 @@ LAYER = [  # family, changes, bf16 (ffn 512 = 8h so the MLP terms carry weight)
 @pytest.mark.parametrize("family,changes,bf16", LAYER)
 def test_one_layer_saved_bytes(family, changes, bf16):
     cfg = make_config(family, vocab_size=64, **changes)
-    assert_layer_agrees(measure_layer_saved(cfg, 512, bf16=bf16), cfg, 512, f"{family} {changes}", bf16=bf16)
+    assert_layer_agrees(measure_layer_saved(cfg, 512, bf16=bf16, **changes), cfg, 512, f"{family} {changes}",
+                        bf16=bf16, **strategy(changes))
 
 
 def _sp_layer(family, changes, seq, ring):
     state = ps.initialize_model_parallel(sequence_parallel_size=dist.get_world_size(), ring_attention_size=ring)
-    return measure_layer_saved(make_config(family, vocab_size=64, **changes), seq, state)
+    return measure_layer_saved(make_config(family, vocab_size=64, **changes), seq, state, **changes)
 
 
 @pytest.mark.parametrize("family,changes,ring", [("gpt3", {}, 1), ("llama", {"num_query_groups": 8}, 1),
@@ -259,17 +279,16 @@ def _sp_layer(family, changes, seq, ring):
 def test_one_layer_saved_bytes_under_sequence_parallelism(ranks, family, changes, ring):
     measured = max(ranks(2, _sp_layer, family, changes, 1024, ring))
     assert_layer_agrees(measured, make_config(family, vocab_size=64, **changes), 1024,
-                        f"SP=2 ring {ring} {family} {changes}", sequence_parallel_size=2, ring_attention_size=ring)
+                        f"SP=2 ring {ring} {family} {changes}", sequence_parallel_size=2, ring_attention_size=ring,
+                        **strategy(changes))
 
 
 def _autocast_cache_bytes(stage):
     """Live bytes at the end of a bf16 forward (full recompute) with the autocast cache on minus off."""
-    from megatron.training.distributed import wrap_model  # noqa: PLC0415
-
     state = ps.initialize_model_parallel(sequence_parallel_size=1)
-    cfg = make_config("gpt3", vocab_size=256, num_layers=3, recompute_granularity="full")
+    cfg = make_config("gpt3", vocab_size=256, num_layers=3)
     torch.manual_seed(0)
-    model = wrap_model(GPTModel(cfg, state), stage, state, torch.device("cpu"))
+    model = parallelize_gpt(GPTModel(cfg), state, ParallelConfig(zero_stage=stage, recompute_granularity="full"))
     tokens = torch.randint(0, cfg.vocab_size, (1, 32))
     for _ in range(2):  # FSDP allocates lazily in the first step, DDP rebuilds its buckets in the second
         model(tokens, labels=tokens).sum().backward()
@@ -290,11 +309,12 @@ def _autocast_cache_bytes(stage):
 def test_autocast_cache_keeps_a_bf16_copy_of_every_weight_until_forward_ends(ranks, stage):
     """Why the estimate's `weight_copies` holds all layers at the end of the forward under full
     recompute, unsharded even with ZeRO-3 (FSDP2's gathered weights are cached too)."""
-    cfg = make_config("gpt3", vocab_size=256, num_layers=3, recompute_granularity="full")
+    cfg = make_config("gpt3", vocab_size=256, num_layers=3)
     lin = linear_parameters_per_layer(cfg)
-    est = estimate_memory(cfg, 64, data_parallel_size=2, zero_stage=stage, precision="bf16", device="cpu")
+    est = estimate_memory(cfg, 64, data_parallel_size=2, zero_stage=stage, precision="bf16", device="cpu",
+                          recompute_granularity="full")
     no_cache = estimate_memory(cfg, 64, data_parallel_size=2, zero_stage=stage, precision="bf16", device="cpu",
-                               autocast_weight_cache=False)
+                               autocast_weight_cache=False, recompute_granularity="full")
     measured = min(ranks(2, _autocast_cache_bytes, stage))
     predicted = est["phases"]["forward_end"] - no_cache["phases"]["forward_end"]
     assert predicted == 2 * cfg.num_layers * lin  # bf16 weights and biases of every layer

@@ -7,7 +7,6 @@ import torch.distributed as dist
 from megatron.core import comm
 from megatron.core import parallel_state as ps
 from megatron.core.sequence_parallel import DistributedAttention
-from megatron.core.sequence_parallel.overlap import chunked_ulysses_attention
 from megatron.model.attention_backends import build_local_attention
 from tests.utils import rel_err
 
@@ -29,7 +28,7 @@ def _compare(chunks, hq, hkv, documents):
         if mode == "plain":
             out = DistributedAttention(local, state.sp_group)(*x, segment_ids=seg)
         else:
-            out = chunked_ulysses_attention(local, *x, state.sp_group, chunks, segment_ids=seg)
+            out = DistributedAttention(local, state.sp_group, overlap_chunks=chunks)(*x, segment_ids=seg)
         out.backward(dout[r * sl:(r + 1) * sl])
         results.append((out.detach(), [t.grad for t in x], comm.bytes_sent("all_to_all")))
     (o1, g1, b1), (o2, g2, b2) = results

@@ -1,29 +1,29 @@
 """GPTModel with Ulysses x ring core attention equals the single-process GPTModel: per-token
 losses, the global loss, every gradient and the parameters after two SGD steps (fp32,
-relative error < 1e-5). The model picks `build_sequence_parallel_attention`'s module
-itself from the ParallelState; the test shards tokens, labels, loss mask and position ids
-with `sequence_shard_indices`, and the model all-gathers segment_ids. Runtime: about 10 s (pools shared with the
-attention tests)."""
+relative error < 1e-5). `parallelize_gpt` picks `build_sp_attention`'s module from the
+ParallelState; the test shards tokens, labels, loss mask and position ids with
+`sequence_shard_indices`, and the parallelized model all-gathers segment_ids. Runtime: about
+10 s (pools shared with the attention tests)."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from megatron.config import ModelConfig
+from megatron.config import ModelConfig, ParallelConfig
 from megatron.core import parallel_state as ps
-from megatron.core.sequence_parallel import DistributedAttention
-from megatron.core.sequence_parallel.hybrid import UlyssesRingAttention, sequence_shard_indices
+from megatron.core.sequence_parallel import DistributedAttention, UlyssesRingAttention
+from megatron.core.sequence_parallel.layout import sequence_shard_indices
 from megatron.model import GPTModel
-from megatron.model.loss import all_reduce_gradients, global_token_count, loss_for_backward
+from megatron.parallel import parallelize_gpt
+from megatron.training.loss import global_token_count, loss_for_backward
 from tests.utils import rel_err
 
 S, B, V = 16, 2, 96
 
 
-def _config(family, heads, kv_heads, recompute=None):
+def _config(family, heads, kv_heads):
     common = dict(num_layers=2, hidden_size=64, num_attention_heads=heads, vocab_size=V,
-                  max_position_embeddings=S, hidden_dropout=0.0, attention_dropout=0.0, attention_backend="sdpa",
-                  recompute_granularity=recompute)
+                  max_position_embeddings=S, hidden_dropout=0.0, attention_dropout=0.0)
     if family == "gpt3":
         return ModelConfig.gpt3(**common)
     return ModelConfig.llama(num_query_groups=kv_heads, ffn_hidden_size=96, **common)
@@ -46,13 +46,15 @@ def _batch(step, masked):
 
 def _gpt_case(sp, ring, family, heads, kv_heads, masked, steps=2, recompute=None):
     state = ps.initialize_model_parallel(sequence_parallel_size=sp, ring_attention_size=ring)
-    cfg = _config(family, heads, kv_heads, recompute)
+    cfg = _config(family, heads, kv_heads)
     torch.manual_seed(4321)
     ref = GPTModel(cfg)
     torch.manual_seed(4321)
-    model = GPTModel(cfg, state)
+    plain = GPTModel(cfg)
+    model = parallelize_gpt(plain, state, ParallelConfig(sequence_parallel_size=sp, ring_attention_size=ring,
+                                                         recompute_granularity=recompute))
     expected = UlyssesRingAttention if ring > 1 else DistributedAttention
-    assert all(type(layer.attention.core_attention) is expected for layer in model.layers)
+    assert all(type(layer.attention.core_attention) is expected for layer in plain.layers)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     idx = sequence_shard_indices(S, state)
@@ -69,11 +71,11 @@ def _gpt_case(sp, ring, family, heads, kv_heads, masked, steps=2, recompute=None
         local = lambda t: None if t is None else t[:, idx].contiguous()  # noqa: E731
         per_tok = model(local(tokens), local(pos), labels=local(labels), segment_ids=local(seg))
         count = global_token_count(local(mask), state.sdp_group)
-        loss = loss_for_backward(per_tok, local(mask), count)
-        loss.backward()
-        all_reduce_gradients(model.parameters(), state.sdp_group)
+        loss = loss_for_backward(per_tok, local(mask), count, state.sdp_size)
+        loss.backward()  # DDP averages the gradients over SP x DP
         total = loss.detach().clone()
         dist.all_reduce(total, group=state.sdp_group)
+        total /= state.sdp_size
         errs["out"] = max(errs["out"], rel_err(per_tok, ref_tok[:, idx]))
         errs["loss"] = max(errs["loss"], rel_err(total, ref_loss))
         for (name, p), pr in zip(model.named_parameters(), ref.parameters()):
@@ -83,7 +85,7 @@ def _gpt_case(sp, ring, family, heads, kv_heads, masked, steps=2, recompute=None
         opt.step()
         for p, pr in zip(model.parameters(), ref.parameters()):
             errs["param"] = max(errs["param"], rel_err(p, pr))
-    kind = type(model.layers[0].attention.core_attention).__name__
+    kind = type(plain.layers[0].attention.core_attention).__name__
     ps.destroy_model_parallel()
     return errs, worst, kind
 

@@ -9,15 +9,14 @@ import torch.distributed as dist
 
 from megatron.core import comm
 from megatron.core import parallel_state as ps
+from megatron.core.sequence_parallel.heads import plan_heads
 from megatron.core.sequence_parallel.hybrid import (
     UlyssesRingAttention,
     attention_comm_bytes,
-    build_sequence_parallel_attention,
-    sequence_permutation,
-    sequence_shard_indices,
+    build_sp_attention,
 )
 from megatron.core.sequence_parallel.layer import DistributedAttention
-from megatron.core.sequence_parallel.uneven import plan_heads
+from megatron.core.sequence_parallel.layout import sequence_permutation, sequence_shard_indices
 from megatron.model.attention_backends import build_local_attention
 from tests.utils import rel_err
 
@@ -54,7 +53,7 @@ def _hybrid_case(sp, ring, hq, hkv, docs, causal=True, layout="sbhd", backend="s
     if seg is not None:  # what GPTModel does: all-gather the per-rank ids over the SP group
         seg_gathered = comm.all_gather_along(seg[:, idx].contiguous(), 1, state.sp_group)
     local = build_local_attention(backend, causal=causal, layout=layout)
-    attn = build_sequence_parallel_attention(local, state, check_shapes=True)
+    attn = build_sp_attention(local, state, check_shapes=True)
     if natural_ids:  # the module can also take segment ids in natural token order
         attn = UlyssesRingAttention(local, state.ulysses_group, state.ring_group, segment_ids_order="natural")
         seg_gathered = seg
@@ -166,7 +165,7 @@ def test_head_plan_replicates_just_enough():
 def _errors(kind):
     state = ps.initialize_model_parallel(sequence_parallel_size=4, ring_attention_size=2)
     local = build_local_attention("sdpa", causal=True, dropout_p=0.1 if kind == "dropout" else 0.0)
-    attn = build_sequence_parallel_attention(local, state)
+    attn = build_sp_attention(local, state)
     t = torch.randn(4, 1, 4, 8)
     try:
         if kind == "mask":
@@ -193,7 +192,7 @@ def _errors(kind):
     ("mask", "takes no attention_mask"),
     ("dropout", "set --attention-dropout 0"),
     ("seq", "divisible by 2 x ring size (8)"),
-    ("ring_size", "--ring-attention-size (3) must be a positive divisor of --ds-sequence-parallel-size (4)"),
+    ("ring_size", "--ring-attention-size (3) must divide --ds-sequence-parallel-size (4)"),
     ("few_heads", "query heads (2) is smaller than the sequence parallel size (4)"),
 ])
 def test_errors_are_clear(ranks, kind, message):

@@ -8,13 +8,11 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
 from megatron.core.sequence_parallel import ring as ring_mod
-from megatron.core.sequence_parallel.hybrid import (
+from megatron.core.sequence_parallel.layout import (
+    ring_permutation,
     sequence_permutation,
     sequence_shard_indices,
     shard_sequence,
-)
-from megatron.core.sequence_parallel.ring import (
-    ring_permutation,
     zigzag_positions,
     zigzag_shard,
     zigzag_unshard,
@@ -102,7 +100,7 @@ def _full_softmax(q, k, v, scale, keep):
 @pytest.mark.parametrize("flash", [True, False])
 def test_online_softmax_merge_of_two_key_blocks_is_exact(flash, monkeypatch):
     if not flash:
-        monkeypatch.setattr(ring_mod, "_FLASH_FWD", None)
+        monkeypatch.setattr(ring_mod, "_CPU_FLASH_FWD", None)
     q, k, v = _blocks()
     out = torch.zeros(2, 4, 6, 8)
     lse = torch.full((2, 4, 6), float("-inf"))
@@ -144,10 +142,12 @@ def test_block_backward_with_global_statistics_sums_to_full_gradient():
 
 
 def test_document_blocks_are_skipped_unmasked_or_masked():
-    # ring of 2, 4 tokens per rank; ring order: rank 0's tokens then rank 1's
+    # ring of 2, 4 tokens per rank; ring order: rank 0's tokens then rank 1's; the ring passes
+    # (device ids, host ids) and decides on the host copy
+    both = lambda t: (t, t.numpy())  # noqa: E731
     one_doc = torch.tensor([[5, 5, 5, 5, 5, 5, 5, 5]])
-    assert ring_mod._document_keep(one_doc, 1, 0, slice(0, 4), slice(0, 2), 4) == (False, None)
+    assert ring_mod._document_keep(both(one_doc), 1, 0, slice(0, 4), slice(0, 2), 4) == (False, None)
     disjoint = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]])
-    assert ring_mod._document_keep(disjoint, 1, 0, slice(0, 4), slice(0, 2), 4) == (True, None)
-    skip, keep = ring_mod._document_keep(disjoint, 0, 0, slice(0, 4), slice(0, 4), 4)
+    assert ring_mod._document_keep(both(disjoint), 1, 0, slice(0, 4), slice(0, 2), 4) == (True, None)
+    skip, keep = ring_mod._document_keep(both(disjoint), 0, 0, slice(0, 4), slice(0, 4), 4)
     assert not skip and keep[0, 0].tolist() == [[True, True, False, False]] * 2 + [[False, False, True, True]] * 2

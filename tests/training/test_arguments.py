@@ -52,7 +52,7 @@ def test_hybrid_uneven_and_overlap_resolve():
     # fewer K/V heads than SP ranks: replicated by DistributedAttention, not an error
     assert cfg("--ds-sequence-parallel-size 2 --group-query-attention --num-query-groups 1",
                world=2).model.num_query_groups == 1
-    assert cfg("--ds-sequence-parallel-size 2 --ulysses-overlap-chunks 2", world=2).model.ulysses_overlap_chunks == 2
+    assert cfg("--ds-sequence-parallel-size 2 --ulysses-overlap-chunks 2", world=2).parallel.ulysses_overlap_chunks == 2
 
 
 def test_model_families():
@@ -67,8 +67,8 @@ def test_model_families():
     assert m.ffn_hidden_size == 128 and not m.add_bias_linear and m.untie_embeddings_and_output_weights
     assert m.rotary_base == 500000
     assert cfg("--num-key-value-heads 1").model.num_query_groups == 1
-    assert cfg("--checkpoint-activations").model.recompute_granularity == "full"
-    assert cfg("--recompute-granularity selective").model.recompute_granularity == "selective"
+    assert cfg("--checkpoint-activations").parallel.recompute_granularity == "full"
+    assert cfg("--recompute-granularity selective").parallel.recompute_granularity == "selective"
 
 
 @pytest.mark.parametrize("extra, world, needle", [
@@ -120,7 +120,9 @@ def test_flash_attention_needs_package_and_gpu(monkeypatch):
     assert "flash_attn package and a CUDA GPU" in msg and "drop the flag" in msg
     assert "need triton and a CUDA GPU" in error("--use-flash-attn-triton")
     # a dry run on a login node validates everything else and skips machine checks
-    assert cfg("--use-flash-attn-v2", check_environment=False).model.attention_backend == "flash-attn"
+    assert cfg("--use-flash-attn-v2 --bf16", check_environment=False).parallel.attention_backend == "flash-attn"
+    # ... but not what the run itself would refuse: flash-attn kernels take bf16/fp16 only
+    assert "needs --bf16 or --fp16" in error("--use-flash-attn-v2", check_environment=False)
 
 
 def test_deepspeed_only_flags_are_accepted_with_a_note():

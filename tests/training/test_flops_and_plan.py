@@ -2,8 +2,8 @@
 
 from megatron.arguments import parse_args
 from megatron.config import ModelConfig
-from megatron.training.flops import attention_flops_per_sequence, flops_per_step, matmul_flops_per_token
-from megatron.training.plan import describe_plan
+from megatron.planning.flops import attention_flops_per_sequence, flops_per_step, matmul_flops_per_token
+from megatron.planning.plan import describe_plan
 
 
 def test_flops_by_hand():

@@ -231,8 +231,8 @@ def check_against_model(state_dict: dict, config: ModelConfig) -> None:
     from megatron.checkpoint_conversion.common import check_keys, check_shape  # noqa: PLC0415
     from megatron.model import GPTModel  # noqa: PLC0415
 
-    with torch.device("meta"):  # shapes only; the CPU-safe backend, since flash-attn may be absent here
-        model = GPTModel(config.replace(attention_backend="sdpa", recompute_granularity=None))
+    with torch.device("meta"):  # shapes only
+        model = GPTModel(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
     check_keys(state_dict, set(expected), "the checkpoint's model state dict",
                "The stored config and weights disagree; was the checkpoint edited by hand?")

@@ -1,8 +1,13 @@
-"""Differentiable all-to-all for Ulysses sequence parallelism.
+"""The one differentiable all-to-all of sequence parallelism.
 
-An equal-split all-to-all along dim 0 is its own inverse (chunk j of rank i lands in
-slot i of rank j, and the same exchange brings it back), so the backward pass is the
-same collective applied to the gradient.
+`exchange(x, in_splits, out_splits, group)` sends `in_splits[j]` rows of dim 0 of `x` to
+rank j and returns the `out_splits[i]` rows received from each rank i, concatenated in
+rank order. Its gradient is the same collective with the splits swapped (what rank i
+sent to rank j comes back from j to i). Equal splits are the plain Ulysses case; uneven
+splits carry head counts that do not divide the group size; `async_op=True` returns at
+once and waits on first use of the result (head-chunk overlap), in backward as well.
+
+`all_to_all(x, group, scatter_dim, gather_dim)` is the familiar equal-split form on top.
 """
 
 from __future__ import annotations
@@ -13,21 +18,23 @@ import torch.distributed as dist
 from megatron.core import comm
 
 
-class _AllToAllDim0(torch.autograd.Function):
-    """All-to-all of a `[p, ...]` tensor: slot j goes to rank j, slot i receives from rank i."""
-
+class _Exchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        return comm.all_to_all_single(out, x, group)
+    def forward(ctx, x: torch.Tensor, in_splits, out_splits, group, async_op: bool) -> torch.Tensor:
+        ctx.splits, ctx.group, ctx.async_op = (in_splits, out_splits), group, async_op
+        return comm.all_to_all_rows(x, in_splits, out_splits, group, async_op=async_op)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        out = torch.empty_like(grad)
-        return comm.all_to_all_single(out, grad, ctx.group), None
+        in_splits, out_splits = ctx.splits
+        grad = comm.all_to_all_rows(grad, out_splits, in_splits, ctx.group, async_op=ctx.async_op)
+        return grad, None, None, None, None
+
+
+def exchange(x: torch.Tensor, in_splits: list[int] | None, out_splits: list[int] | None, group, *,
+             async_op: bool = False) -> torch.Tensor:
+    """All-to-all of the rows (dim 0) of `x`; None splits mean equal chunks. Differentiable."""
+    return _Exchange.apply(x, in_splits, out_splits, group, async_op)
 
 
 def all_to_all_dim0(x: torch.Tensor, group) -> torch.Tensor:
@@ -35,7 +42,7 @@ def all_to_all_dim0(x: torch.Tensor, group) -> torch.Tensor:
     p = dist.get_world_size(group)
     if x.shape[0] != p:
         raise ValueError(f"all_to_all_dim0 needs dim 0 of size {p} (the group size), got {tuple(x.shape)}")
-    return _AllToAllDim0.apply(x, group)
+    return exchange(x, None, None, group)
 
 
 def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -65,3 +72,6 @@ def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> tor
     # [p, ..., m, ...] -> [..., p, m, ...] -> [..., p*m, ...]
     y = y.movedim(0, gather_dim)
     return y.reshape(rest[:gather_dim] + [p * rest[gather_dim]] + rest[gather_dim + 1:])
+
+
+__all__ = ["all_to_all", "all_to_all_dim0", "exchange"]

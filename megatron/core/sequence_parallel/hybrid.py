@@ -1,4 +1,4 @@
-"""Ulysses x ring: sequence parallelism beyond the head count.
+"""Ulysses x ring: sequence parallelism beyond the head count, and the one builder of SP attention.
 
 Ulysses alone needs at least one head per rank, so P <= heads. The hybrid splits the SP
 group of P ranks into R rings of U = P/R Ulysses ranks (`initialize_model_parallel(...,
@@ -6,18 +6,11 @@ ring_attention_size=R)`; sp_rank = ring_rank * U + ulysses_rank, Ulysses fastest
 a Ulysses group the usual all-to-all gives each rank all N/R tokens of its ring rank for
 H/U heads; ring attention (ring.py) then runs over the R ranks that hold the same heads.
 8 heads on SP 16 is U = 8 x R = 2. R = P is pure ring attention, R = 1 pure Ulysses.
+The token layout this needs (zigzag chunks) is layout.py's.
 
-Token layout (what the data loader and the model's position ids must follow). The
-sequence of N tokens is cut into 2R zigzag chunks; ring rank r owns chunks r and
-2R-1-r (N/R tokens, in that order) and Ulysses rank u of that ring rank holds the u-th
-of U equal consecutive pieces of them. `sequence_shard_indices(N, state)` returns those
-global token indices: shard tokens, labels, loss mask and position ids with it
-(`x[:, idx]`). With R = 1 it is Megatron's contiguous block [sp_rank N/P, (sp_rank+1) N/P).
-
-segment_ids: the model all-gathers the per-rank shards over the SP group, which yields
-them in SP-rank order = ring order (`sequence_permutation(N, P, R)`, equal to natural
-order when R = 1). That is the order this module expects by default, so the model needs
-no change beyond its position ids; `segment_ids_order="natural"` accepts natural order.
+`build_sp_attention(local, parallel_state, ...)` is where every model gets its core
+attention from: the local backend itself (SP 1), `DistributedAttention` (R = 1, optionally
+overlapped over head chunks) or the hybrid (R > 1).
 """
 
 from __future__ import annotations
@@ -28,14 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron.core.sequence_parallel.heads import plan_heads, ulysses_bytes
 from megatron.core.sequence_parallel.layer import DistributedAttention
-from megatron.core.sequence_parallel.ring import (
-    RingAttention,
-    check_ring_seq_len,
-    ring_bytes,
-    zigzag_positions,
-)
-from megatron.core.sequence_parallel.uneven import plan_heads, ulysses_bytes
+from megatron.core.sequence_parallel.layout import check_seq_len
+from megatron.core.sequence_parallel.ring import RingAttention, ring_bytes
 
 _LAYOUT_SEQ_DIM = {"sbhd": 0, "bshd": 1}
 
@@ -52,10 +41,12 @@ class UlyssesRingAttention(nn.Module):
 
     Called like DistributedAttention: `attn(q, k, v, segment_ids=None)` with q `[s/p, b, hq, d]`
     (or `[b, s/p, hq, d]` for a "bshd" local attention) and k, v with hkv heads; returns the
-    output in q's shape. The tokens of rank (u, r) are `sequence_shard_indices`; segment_ids
-    are `[b, N]` in SP-gathered (ring) order. The local attention contributes its settings
-    (causal, softmax scale, layout); its own kernel is not used, the ring computes the blocks.
-    GQA and head counts that do not divide U are handled by the Ulysses step (uneven.py).
+    output in q's shape. The tokens of rank (u, r) are `layout.sequence_shard_indices`;
+    segment_ids cover the full sequence (see RingAttention: a `Documents`, or ids in ring order
+    as all-gathering the shards yields them, or in natural order with segment_ids_order="natural").
+    The local attention contributes its settings (causal, softmax scale, layout); its own
+    kernel is not used, the ring computes the blocks. GQA and head counts that do not divide
+    U are handled by the Ulysses step (heads.py).
     """
 
     def __init__(self, local_attention: Callable[..., torch.Tensor], ulysses_group, ring_group, *,
@@ -77,7 +68,7 @@ class UlyssesRingAttention(nn.Module):
         return dist.get_world_size(self.ring_group)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, segment_ids=None) -> torch.Tensor:
         if attention_mask is not None:
             raise ValueError("Ulysses x ring attention takes no attention_mask: use causal attention and "
                              "segment_ids for document masks, or --ring-attention-size 1 for explicit masks")
@@ -87,68 +78,25 @@ class UlyssesRingAttention(nn.Module):
 HybridAttention = UlyssesRingAttention
 
 
-def build_sequence_parallel_attention(local_attention: Callable[..., torch.Tensor], parallel_state, *,
-                                      check_shapes: bool = False) -> nn.Module:
-    """The core attention for this SP layout: DistributedAttention (R = 1) or the hybrid (R > 1).
+def build_sp_attention(local_attention: Callable[..., torch.Tensor], parallel_state, *,
+                       overlap_chunks: int = 1, check_shapes: bool = False) -> nn.Module:
+    """The core attention for this SP layout: the local attention (SP 1), DistributedAttention
+    (R = 1, pipelined over `overlap_chunks` head chunks) or the Ulysses x ring hybrid (R > 1).
 
-    The model calls the result as `core_attention(q, k, v, segment_ids=segment_ids)` with
-    `[s/p, b, h, d]` shards and the SP-all-gathered `[b, N]` segment ids.
+    The result is called as `core_attention(q, k, v, segment_ids=...)` with `[s/p, b, h, d]`
+    shards (or `[b, s/p, h, d]` for a "bshd" local attention).
     """
-    ring = getattr(parallel_state, "ring_size", 1)
-    layout = _layout_of(local_attention)
-    if ring == 1:
-        return DistributedAttention(local_attention, parallel_state.sp_group, scatter_idx=2,
-                                    gather_idx=_LAYOUT_SEQ_DIM[layout], check_shapes=check_shapes)
-    return UlyssesRingAttention(local_attention, parallel_state.ulysses_group, parallel_state.ring_group,
-                                check_shapes=check_shapes)
-
-
-# --- token layout --------------------------------------------------------------------------
-
-def _sizes(parallel_state, sp_size, ring_size, sp_rank) -> tuple[int, int, int]:
-    if parallel_state is not None:
-        return parallel_state.sp_size, getattr(parallel_state, "ring_size", 1), parallel_state.sp_rank
-    if sp_size is None or sp_rank is None:
-        raise ValueError("pass a ParallelState, or sp_size= and sp_rank= (and ring_size=)")
-    return sp_size, ring_size, sp_rank
-
-
-def check_seq_len(seq_len: int, sp_size: int, ring_size: int = 1) -> None:
-    """Raise with the fix if `seq_len` cannot be sharded over sp_size ranks with this ring."""
-    if sp_size % ring_size:
-        raise ValueError(f"ring size ({ring_size}) must divide the sequence parallel size ({sp_size})")
-    if seq_len % sp_size:
-        raise ValueError(f"the sequence length ({seq_len}) must be divisible by --ds-sequence-parallel-size "
-                         f"({sp_size}): every rank holds N/P tokens")
-    check_ring_seq_len(seq_len, ring_size)
-
-
-def sequence_shard_indices(seq_len: int, parallel_state=None, *, sp_size: int | None = None,
-                           ring_size: int = 1, sp_rank: int | None = None, device=None) -> torch.Tensor:
-    """Global indices (LongTensor `[N/P]`, in local order) of the tokens SP rank `sp_rank` holds.
-
-    Shard every per-token tensor with it (`tokens[:, idx]`) and use it as position ids
-    (or gather per-document positions with it). Pass a ParallelState, or the sizes.
-    """
-    sp, ring, rank = _sizes(parallel_state, sp_size, ring_size, sp_rank)
-    check_seq_len(seq_len, sp, ring)
-    ulysses = sp // ring
-    ring_rank, ulysses_rank = divmod(rank, ulysses)  # sp_rank = ring_rank * U + ulysses_rank
-    mine = zigzag_positions(seq_len, ring, ring_rank, device=device)  # [N/R]
-    piece = seq_len // sp
-    return mine[ulysses_rank * piece:(ulysses_rank + 1) * piece]
-
-
-def sequence_permutation(seq_len: int, sp_size: int, ring_size: int = 1, *, device=None) -> torch.Tensor:
-    """SP-gathered order: the shards of SP ranks 0..P-1 concatenated. `x_gathered = x[:, perm]`."""
-    return torch.cat([sequence_shard_indices(seq_len, sp_size=sp_size, ring_size=ring_size, sp_rank=r,
-                                             device=device) for r in range(sp_size)])
-
-
-def shard_sequence(x: torch.Tensor, parallel_state=None, *, dim: int = 1, **sizes) -> torch.Tensor:
-    """This rank's tokens of a full, naturally ordered tensor along `dim` (default `[b, s, ...]`)."""
-    idx = sequence_shard_indices(x.shape[dim], parallel_state, device=x.device, **sizes)
-    return x.index_select(dim, idx)
+    if parallel_state is None or parallel_state.sp_size == 1:
+        return local_attention
+    if parallel_state.ring_size > 1:
+        if overlap_chunks > 1:
+            raise ValueError("--ulysses-overlap-chunks > 1 is not combined with --ring-attention-size > 1 yet; "
+                             "drop one of the two")
+        return UlyssesRingAttention(local_attention, parallel_state.ulysses_group, parallel_state.ring_group,
+                                    check_shapes=check_shapes)
+    return DistributedAttention(local_attention, parallel_state.sp_group, scatter_idx=2,
+                                gather_idx=_LAYOUT_SEQ_DIM[_layout_of(local_attention)], check_shapes=check_shapes,
+                                overlap_chunks=overlap_chunks)
 
 
 # --- communication volume ------------------------------------------------------------------
@@ -160,7 +108,7 @@ def attention_comm_bytes(seq_len: int, batch: int, num_heads: int, num_kv_heads:
 
     {"all_to_all": {...}, "ring_p2p": {...}} with "forward", "backward", "total" each; the
     kinds are those megatron.core.comm counts. Ulysses: (2 hq + 2 hkv) d N/P (U-1)/U per
-    pass with even heads (uneven.ulysses_bytes for the general plan). Ring: see ring.ring_bytes,
+    pass with even heads (heads.ulysses_bytes for the general plan). Ring: see ring.ring_bytes,
     on the K/V heads one Ulysses rank holds.
     """
     check_seq_len(seq_len, sp_size, ring_size)

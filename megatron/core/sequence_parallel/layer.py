@@ -3,17 +3,24 @@
 Drop-in for DeepSpeed's `deepspeed.sequence.layer.DistributedAttention`: same constructor
 `(local_attention, sequence_process_group, scatter_idx=2, gather_idx=0)` and call
 `dist_attn(query, key, value, *args, **kwargs)`, extra arguments passed to the local
-attention untouched. Two differences, both invisible to callers:
+attention untouched. Differences, all invisible to callers:
 
 * Q, K and V travel in one all-to-all (one latency instead of three) whenever they share
-  sequence length, batch, head dim and dtype, GQA included: the K/V heads of each
-  destination rank are packed next to its Q heads.
-* Head counts need not divide P (see `uneven.py`): with fewer K/V heads than P the K/V
-  heads are replicated just enough (their gradients summed back), and query heads that
-  do not divide P travel with per-rank split sizes. Only heads < P is refused (that cap
-  is what ring attention, `hybrid.py`, lifts).
-* Shapes are validated with clear errors (same local sequence length on every rank,
-  4-D inputs, caller in the group).
+  sequence length, batch, head dim and dtype, GQA included: per destination rank its Q
+  heads, then its K and V heads.
+* Head counts need not divide P (heads.py): with fewer K/V heads than P the K/V heads are
+  replicated just enough (their gradients summed back), and query heads that do not divide
+  P travel with per-rank split sizes. Only heads < P is refused (ring attention lifts it).
+* `overlap_chunks=K` pipelines the exchange over K head chunks: every chunk's all-to-all is
+  issued up front without waiting, chunk c's attention runs while later chunks are in
+  flight, and its output goes back at once; the backward mirrors it (same bytes, K-1 more
+  latencies; `benchmarks/bench_overlap.py` measures the effect).
+* Shapes are validated with clear errors (same local sequence length on every rank, checked
+  once per distinct shape; 4-D inputs; caller in the group).
+
+Everything goes through one packer and one differentiable all-to-all (all_to_all.exchange):
+plain Ulysses is the head plan whose ranks get equal, regularly spaced runs of heads, which
+packs with a single copy into `[P, tokens, ..., heads, d]`.
 """
 
 from __future__ import annotations
@@ -26,10 +33,57 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.core import comm
-from megatron.core.sequence_parallel.all_to_all import all_to_all, all_to_all_dim0
-from megatron.core.sequence_parallel.uneven import gather_heads, plan_heads, scatter_heads
+from megatron.core.sequence_parallel.all_to_all import exchange
+from megatron.core.sequence_parallel.heads import HeadPlan, plan_heads
 
 _LAYOUTS = {0: "[s/p, b, heads, d]", 1: "[b, s/p, heads, d]"}
+
+
+# --- packing -------------------------------------------------------------------------------
+
+def _regular(runs: tuple[tuple[int, ...], ...], total: int) -> tuple[int, int] | None:
+    """(offset, n) if rank u's heads are `[u total/P + offset, ... + n)` for every u, else None."""
+    p = len(runs)
+    if total % p:
+        return None
+    n, offset = len(runs[0]), runs[0][0] if runs[0] else 0
+    for u, heads in enumerate(runs):
+        if heads != tuple(range(u * total // p + offset, u * total // p + offset + n)):
+            return None
+    return offset, n
+
+
+def _select_heads(t: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+    """`t[:, :, heads]`, a view when the heads are a contiguous run (gradients of copies add up)."""
+    if heads == tuple(range(heads[0], heads[0] + len(heads))):
+        return t.narrow(2, heads[0], len(heads))
+    return t.index_select(2, torch.tensor(heads, device=t.device))
+
+
+def _pack(tensors: list[torch.Tensor], runs: list[tuple], seq_dim: int) -> tuple[torch.Tensor, list[int] | None]:
+    """Flat send buffer: for each destination rank u, the heads `runs[i][u]` of every tensor i.
+
+    Returns (buffer, per-destination element counts, None when equal). Inputs `[s/p, b, h_i, d]`
+    (seq_dim 0) or `[b, s/p, h_i, d]`; a destination's block is `[s/p, b, sum_i h_i(u), d]`.
+    """
+    p = len(runs[0])
+    regular = [_regular(r, t.shape[2]) for t, r in zip(tensors, runs)]
+    if all(x is not None for x in regular):
+        # [.., .., h, d] -> [.., .., p, h/p, d] -> my slice of each rank's run -> [p, .., .., n, d]
+        parts = [t.unflatten(2, (p, -1)).narrow(3, off, n).movedim(2, 0) for t, (off, n) in zip(tensors, regular)]
+        return torch.cat(parts, dim=3).reshape(-1), None  # one copy: [p, .., .., sum n, d]
+    blocks = [torch.cat([_select_heads(t, r[u]) for t, r in zip(tensors, runs)], dim=2).reshape(-1)
+              for u in range(p)]  # per destination [.., .., c_u, d], flat
+    return torch.cat(blocks), [blk.numel() for blk in blocks]
+
+
+def _received(recv: torch.Tensor, p: int, shard: torch.Tensor, channels: int, seq_dim: int) -> torch.Tensor:
+    """The flat buffer of p equal source blocks as the full sequence `[s, b, c, d]` (or `[b, s, c, d]`)."""
+    # every source sent its s/p tokens: [p, s/p, b, c, d] (or [p, b, s/p, c, d])
+    blocks = recv.view(p, *shard.shape[:2], channels, shard.shape[3])
+    if seq_dim == 0:
+        return blocks.flatten(0, 1)  # [s, b, c, d], a view: sources are consecutive token blocks
+    return blocks.movedim(0, 1).flatten(1, 2)  # [b, p, s/p, c, d] -> [b, s, c, d]
 
 
 class DistributedAttention(nn.Module):
@@ -39,9 +93,9 @@ class DistributedAttention(nn.Module):
     (gather_idx=1); the local attention receives `[s, b, heads/p, d]` or
     `[b, s, heads/p, d]`; the output comes back in the input layout with all heads.
 
-    `check_shapes=True` costs one tiny all-gather per call to prove that every rank holds
-    the same number of tokens (a mismatch would otherwise corrupt the all-to-all or hang);
-    the GPT model validates once per step instead and turns it off.
+    `check_shapes=True` proves once per distinct local shape (one tiny all-gather on the
+    inputs' device) that every rank holds the same number of tokens: a mismatch would
+    otherwise corrupt the all-to-all or hang.
     """
 
     def __init__(
@@ -53,6 +107,7 @@ class DistributedAttention(nn.Module):
         *,
         fuse_qkv: bool = True,
         check_shapes: bool = True,
+        overlap_chunks: int = 1,
     ) -> None:
         super().__init__()
         if scatter_idx != 2 or gather_idx not in _LAYOUTS:
@@ -61,6 +116,8 @@ class DistributedAttention(nn.Module):
                 f"{_LAYOUTS[0]} or gather_idx=1 for {_LAYOUTS[1]}; got scatter_idx={scatter_idx}, "
                 f"gather_idx={gather_idx}"
             )
+        if overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be >= 1, got {overlap_chunks}")
         group = sequence_process_group if sequence_process_group is not None else dist.group.WORLD
         if dist.is_initialized() and dist.get_rank(group) < 0:
             raise ValueError(
@@ -74,10 +131,20 @@ class DistributedAttention(nn.Module):
         self.gather_idx = gather_idx
         self.fuse_qkv = fuse_qkv
         self.check_shapes = check_shapes
+        self.overlap_chunks = overlap_chunks
+        self._plans: dict = {}
+        self._checked: set = set()
 
     @property
     def world_size(self) -> int:
         return dist.get_world_size(self.spg)
+
+    def head_plans(self, num_heads: int, num_kv_heads: int) -> list[HeadPlan]:
+        """The head plan of this group for these head counts, split into the overlap chunks."""
+        key = (num_heads, num_kv_heads)
+        if key not in self._plans:
+            self._plans[key] = plan_heads(num_heads, num_kv_heads, self.world_size).chunk(self.overlap_chunks)
+        return self._plans[key]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -85,51 +152,69 @@ class DistributedAttention(nn.Module):
         self._validate(query, key, value, p)
         if p == 1:
             return self.local_attn(query, key, value, *args, **kwargs)
-        seq_dim = self.gather_idx
-        plan = plan_heads(query.shape[2], key.shape[2], p)
-        if not plan.even:
-            return self._uneven_forward(plan, query, key, value, *args, **kwargs)
-        if self.fuse_qkv and _fusable(query, key, value):
-            q, k, v = self._fused_qkv_all_to_all(query, key, value, p)
-        else:
-            q, k, v = (all_to_all(t, self.spg, scatter_dim=2, gather_dim=seq_dim) for t in (query, key, value))
-        out = self.local_attn(q, k, v, *args, **kwargs)
-        if out.dim() == 3:  # local attention returned merged heads [.., .., heads/p * d]
-            out = out.unflatten(-1, (q.shape[2], -1))
-        # [s, b, h/p, d] -> [s/p, b, h, d]   (or [b, s, h/p, d] -> [b, s/p, h, d])
-        return all_to_all(out, self.spg, scatter_dim=seq_dim, gather_dim=2)
+        plans = self.head_plans(query.shape[2], key.shape[2])
+        overlap = len(plans) > 1
+        in_flight = [self._scatter(query, key, value, plan, overlap) for plan in plans]
+        outs = []
+        for plan, (q, k, v) in zip(plans, in_flight):
+            out = self.local_attn(q(), k(), v(), *args, **kwargs)
+            if out.dim() == 3:  # local attention returned merged heads [.., .., h_me * d]
+                out = out.unflatten(-1, (-1, query.shape[3]))
+            outs.append(self._gather(out, plan, overlap))
+        return self._combine(outs, plans)
 
-    def _uneven_forward(self, plan, query, key, value, *args, **kwargs):
-        """Ulysses with per-rank head splits and replicated K/V heads (see uneven.py)."""
-        seq_dim = self.gather_idx
-        lists = [plan.q_heads, plan.kv_heads, plan.kv_heads]
-        if self.fuse_qkv and _fusable(query, key, value):
-            q, k, v = scatter_heads([query, key, value], lists, self.spg, seq_dim)
-        else:
-            q, k, v = (scatter_heads([t], [h], self.spg, seq_dim)[0] for t, h in zip((query, key, value), lists))
-        out = self.local_attn(q, k, v, *args, **kwargs)
-        if out.dim() == 3:  # merged heads [.., .., h_me * d] -> [.., .., h_me, d]
-            out = out.unflatten(-1, (q.shape[2], -1))
-        return gather_heads(out, plan.q_heads, self.spg, seq_dim)  # [s/p, b, h, d]
+    # --- the two exchanges -----------------------------------------------------------------
 
-    def _fused_qkv_all_to_all(self, q, k, v, p):
-        """One all-to-all for Q, K and V: per destination rank, its Q heads then K then V."""
-        hq, hkv = q.shape[2], k.shape[2]
-        if self.gather_idx == 0:
-            sl, b = q.shape[0], q.shape[1]
-            # [s/p, b, h, d] -> [s/p, b, p, h/p, d] -> [p, s/p, b, h/p, d]
-            parts = [t.unflatten(2, (p, -1)).movedim(2, 0) for t in (q, k, v)]
-            packed = torch.cat(parts, dim=3)  # [p, s/p, b, hq/p + 2 hkv/p, d]
-            recv = all_to_all_dim0(packed, self.spg)  # [p (source = seq chunk), s/p, b, c, d]
-            full = recv.reshape(p * sl, b, *recv.shape[3:])  # [s, b, c, d]
-        else:
-            b, sl = q.shape[0], q.shape[1]
-            # [b, s/p, h, d] -> [b, s/p, p, h/p, d] -> [p, b, s/p, h/p, d]
-            parts = [t.unflatten(2, (p, -1)).movedim(2, 0) for t in (q, k, v)]
-            packed = torch.cat(parts, dim=3)  # [p, b, s/p, c, d]
-            recv = all_to_all_dim0(packed, self.spg)  # [p (source), b, s/p, c, d]
-            full = recv.movedim(0, 1).reshape(b, p * sl, *recv.shape[3:])  # [b, s, c, d]
-        return full.split([hq // p, hkv // p, hkv // p], dim=2)
+    def _scatter(self, query, key, value, plan: HeadPlan, async_op: bool):
+        """Send heads to their ranks and gather the sequence; returns three thunks for q, k, v
+        (`[s, b, h_me, d]`), evaluated when the attention needs them (which waits if async)."""
+        p, me, seq_dim = plan.size, dist.get_rank(self.spg), self.gather_idx
+        groups = [[(query, plan.q_heads), (key, plan.kv_heads), (value, plan.kv_heads)]]
+        if not (self.fuse_qkv and _fusable(query, key, value)):
+            groups = [[g] for g in groups[0]]  # one all-to-all per tensor
+        thunks = []
+        for group in groups:
+            tensors, runs = [t for t, _ in group], [r for _, r in group]
+            send, in_splits = _pack(tensors, runs, seq_dim)
+            widths = [len(r[me]) for r in runs]
+            out_splits = None if in_splits is None else [_block(tensors[0], sum(widths))] * p
+            recv = exchange(send, in_splits, out_splits, self.spg, async_op=async_op)
+            thunks.append(_Unpacked(recv, p, tensors[0], widths, seq_dim))
+        if len(thunks) == 1:
+            return [thunks[0].part(i) for i in range(3)]
+        return [t.part(0) for t in thunks]
+
+    def _gather(self, out: torch.Tensor, plan: HeadPlan, async_op: bool):
+        """Send each rank's tokens of my heads back: `[s, b, h_me, d]` -> per source rank u its
+        heads `[s/p, b, h_u, d]` (a thunk returning the list, or the stacked regular form)."""
+        p, seq_dim = plan.size, self.gather_idx
+        # [s, b, h_me, d] -> p x [s/p, b, h_me, d]; destination j gets the tokens of rank j
+        chunks = out.chunk(p, dim=seq_dim)
+        send = torch.cat([c.reshape(-1) for c in chunks]) if seq_dim == 1 else out.reshape(-1)
+        widths = [len(h) for h in plan.q_heads]
+        shard = list(chunks[0].shape)
+        per_head = chunks[0].numel() // max(1, shard[2])
+        even = len(set(widths)) == 1
+        out_splits = None if even else [per_head * w for w in widths]
+        in_splits = None if even else [chunks[0].numel()] * p
+        return exchange(send, in_splits, out_splits, self.spg, async_op=async_op), shard, widths
+
+    def _combine(self, outs: list, plans: list[HeadPlan]) -> torch.Tensor:
+        """All heads of my tokens, `[s/p, b, H, d]` (or `[b, s/p, H, d]`), in global head order."""
+        pieces = []
+        for recv, shard, widths in outs:
+            if len(set(widths)) == 1:  # [p, s/p, b, n, d] -> [s/p, b, p, n, d] (rank-major heads)
+                pieces.append(recv.view(len(widths), *shard[:2], widths[0], shard[3]).movedim(0, 2))
+            else:  # uneven heads: per source [s/p, b, h_u, d], concatenated in rank order
+                parts = [flat.view(*shard[:2], w, shard[3]) for flat, w in
+                         zip(recv.split([shard[0] * shard[1] * w * shard[3] for w in widths]), widths)]
+                return torch.cat(parts, dim=2)  # a single plan: no chunks
+        if len(pieces) == 1:
+            return pieces[0].flatten(2, 3)  # [s/p, b, p, n, d] -> [s/p, b, H, d]
+        # chunk c holds sub-run c of every rank's heads: [s/p, b, p, K, n, d] -> [s/p, b, H, d]
+        return torch.stack(pieces, dim=3).flatten(2, 4)
+
+    # --- validation ------------------------------------------------------------------------
 
     def _validate(self, q, k, v, p) -> None:
         for name, t in (("query", q), ("key", k), ("value", v)):
@@ -146,25 +231,42 @@ class DistributedAttention(nn.Module):
                 f"query {tuple(q.shape)} and key {tuple(k.shape)} must have the same local sequence "
                 f"length and batch size in layout {_LAYOUTS[self.gather_idx]}"
             )
-        if q.shape[2] % k.shape[2]:
-            raise ValueError(
-                f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]}) "
-                "(grouped-query attention): check --num-attention-heads and --num-query-groups"
-            )
-        if q.shape[2] < p:
-            raise ValueError(
-                f"the number of query heads ({q.shape[2]}) is smaller than the sequence parallel "
-                f"size ({p}): every Ulysses rank needs at least one head. Lift the cap with "
-                f"--ring-attention-size R so that --ds-sequence-parallel-size / R <= {q.shape[2]}"
-            )
-        if self.check_shapes and p > 1:
-            check_same_local_shape(q.shape[seq_dim], self.spg)
+        if p > 1:
+            self.head_plans(q.shape[2], k.shape[2])  # raises with the fix for impossible head counts
+        if self.check_shapes and p > 1 and q.shape[seq_dim] not in self._checked:
+            check_same_local_shape(q.shape[seq_dim], self.spg, device=q.device)
+            self._checked.add(q.shape[seq_dim])
 
 
-def check_same_local_shape(local_seq_len: int, group) -> None:
-    """Raise on every rank if the ranks of `group` hold different numbers of tokens."""
-    mine = torch.tensor([local_seq_len], dtype=torch.int64)
-    lengths = comm.all_gather_along(mine, 0, group).tolist()
+class _Unpacked:
+    """The received buffer of one exchange and how to split it into q, k, v (lazily: for an
+    asynchronous exchange, touching the buffer waits for it)."""
+
+    def __init__(self, recv, p, like: torch.Tensor, widths: list[int], seq_dim: int) -> None:
+        self.recv, self.p, self.like, self.widths, self.seq_dim = recv, p, like, widths, seq_dim
+        self._full = None
+
+    def part(self, i: int):
+        def get() -> torch.Tensor:
+            if self._full is None:
+                full = _received(self.recv, self.p, self.like, sum(self.widths), self.seq_dim)
+                self._full = full.split(self.widths, dim=2)
+            return self._full[i]
+        return get
+
+
+def _block(like: torch.Tensor, channels: int) -> int:
+    """Elements one source sends me: its s/p tokens of my `channels` heads."""
+    return like.shape[0] * like.shape[1] * channels * like.shape[3]
+
+
+def check_same_local_shape(local_seq_len: int, group, device=None) -> None:
+    """Raise on every rank if the ranks of `group` hold different numbers of tokens.
+
+    The probe is created on `device` (the inputs' device): NCCL only moves GPU tensors.
+    """
+    mine = torch.tensor([local_seq_len], dtype=torch.int64, device=device)
+    lengths = comm.all_gather_along(mine, 0, group, kind="shape_check").tolist()
     if len(set(lengths)) != 1:
         raise ValueError(
             f"local sequence lengths differ across the sequence parallel group: {lengths} "

@@ -20,75 +20,42 @@ needed by all 2c queries for its first chunk only; K/V from a higher rank is nee
 the second query chunk only, for both of its chunks. A plain contiguous split would give
 rank R-1 R times the work of rank 0.
 
-Block math: PyTorch's flash kernel (`_scaled_dot_product_flash_attention_for_cpu`, which
-returns the log-sum-exp) for blocks without a document mask on CPU; otherwise an explicit
-fp32 softmax on the block (document masks, other devices). Blocks whose queries and keys
-share no document are skipped. There is no attention dropout.
+Block math: PyTorch's flash kernels, which return the log-sum-exp the merge needs, for
+blocks without a document mask (`_scaled_dot_product_flash_attention_for_cpu` on CPU,
+`_scaled_dot_product_flash_attention` on CUDA for fp16/bf16, as torch's own context
+parallelism calls them); otherwise an explicit fp32 softmax on the block (document masks,
+fp32 on CUDA). Blocks whose queries and keys share no document are skipped, decided on the
+host from the document lengths (no device sync). There is no attention dropout.
 
-`segment_ids` (documents) are `[b, N]` in *ring order*: ring rank 0's 2c tokens, then rank
-1's, ... (`ring_permutation`), which is exactly what all-gathering the per-rank shards
-yields; pass `segment_ids_order="natural"` for natural token order.
+Precision: the forward and the custom backward run with autocast switched off, on the
+dtype the inputs arrive in (bf16 under bf16 autocast), so that the probabilities the
+backward recomputes are exactly those whose log-sum-exp the forward stored.
+
+Documents (`segment_ids`) are a `megatron.core.documents.Documents` (or a `[b, N]` tensor)
+over the full sequence in natural token order; the ring reorders them to ring order
+(`ring_permutation`) itself.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megatron.core import comm
+from megatron.core.documents import as_documents
+from megatron.core.sequence_parallel.layout import ring_permutation
 
-_FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# --- zigzag layout -------------------------------------------------------------------------
-
-def check_ring_seq_len(seq_len: int, ring_size: int) -> None:
-    if ring_size > 1 and seq_len % (2 * ring_size):
-        raise ValueError(
-            f"the sequence length ({seq_len}) must be divisible by 2 x ring size ({2 * ring_size}) for "
-            f"the zigzag layout (each ring rank holds 2 of the 2R chunks): choose --seq-length as a "
-            f"multiple of {2 * ring_size} or a smaller --ring-attention-size"
-        )
-
-
-def zigzag_chunks(ring_size: int, ring_rank: int) -> tuple[int, int]:
-    """The two global chunk indices (of 2R) ring rank `ring_rank` holds, in local order."""
-    return ring_rank, 2 * ring_size - 1 - ring_rank
-
-
-def zigzag_positions(seq_len: int, ring_size: int, ring_rank: int, *, device=None) -> torch.Tensor:
-    """Global token indices held by ring rank `ring_rank`, in its local order (LongTensor [N/R]).
-
-    These are the position ids of the rank's tokens; with R = 1 it is simply 0..N-1.
-    """
-    if ring_size == 1:
-        return torch.arange(seq_len, device=device)
-    check_ring_seq_len(seq_len, ring_size)
-    c = seq_len // (2 * ring_size)
-    first, second = zigzag_chunks(ring_size, ring_rank)
-    return torch.cat([torch.arange(first * c, first * c + c, device=device),
-                      torch.arange(second * c, second * c + c, device=device)])
-
-
-def ring_permutation(seq_len: int, ring_size: int, *, device=None) -> torch.Tensor:
-    """Ring order: every ring rank's tokens, rank after rank. `x_ring = x_natural[perm]`."""
-    return torch.cat([zigzag_positions(seq_len, ring_size, r, device=device) for r in range(ring_size)])
-
-
-def zigzag_shard(x: torch.Tensor, ring_size: int, ring_rank: int, dim: int = 0) -> torch.Tensor:
-    """The tokens of ring rank `ring_rank` from a full, naturally ordered sequence along `dim`."""
-    return x.index_select(dim, zigzag_positions(x.shape[dim], ring_size, ring_rank, device=x.device))
-
-
-def zigzag_unshard(x: torch.Tensor, ring_size: int, dim: int = 0) -> torch.Tensor:
-    """Natural order from the ring-order concatenation of every ring rank's shard along `dim`."""
-    perm = ring_permutation(x.shape[dim], ring_size, device=x.device)
-    return x.index_select(dim, torch.argsort(perm))
+_CPU_FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_CUDA_FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+_CUDA_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_backward", None)
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+_CUDA_MAX_HEAD_DIM = 256
 
 
 # --- one block: queries of this rank vs one K/V block ------------------------------------------
@@ -108,8 +75,16 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
 
-def _use_flash(q: torch.Tensor, keep) -> bool:
-    return keep is None and _FLASH_FWD is not None and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES
+def _flash_kind(q: torch.Tensor, keep) -> str | None:
+    """Which fused kernel can compute this block ("cpu", "cuda") or None for the explicit path."""
+    if keep is not None:
+        return None
+    if q.device.type == "cpu" and _CPU_FLASH_FWD is not None and q.dtype in _CPU_DTYPES:
+        return "cpu"
+    if q.device.type == "cuda" and _CUDA_FLASH_FWD is not None and q.dtype in _CUDA_DTYPES \
+            and q.shape[-1] <= _CUDA_MAX_HEAD_DIM:
+        return "cuda"
+    return None
 
 
 def _masked_scores(q, k, scale, causal, keep):
@@ -123,12 +98,24 @@ def _masked_scores(q, k, scale, causal, keep):
     return scores
 
 
-def _block_forward(q, k, v, scale, causal, keep):
-    """(out fp32 `[b, h, sq, d]`, lse fp32 `[b, h, sq]`) of q `[b, h, sq, d]` over k, v `[b, hkv, sk, d]`."""
+def _block_forward(q, k, v, scale, causal, keep, aux=None):
+    """(out fp32 `[b, h, sq, d]`, lse fp32 `[b, h, sq]`) of q `[b, h, sq, d]` over k, v `[b, hkv, sk, d]`.
+
+    `aux` (a dict) receives the extra outputs of the CUDA flash kernel that its backward takes.
+    """
     group = q.shape[1] // k.shape[1]
     k, v = _expand(k, group), _expand(v, group)
-    if _use_flash(q, keep):
-        out, lse = _FLASH_FWD(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, scale=scale)
+    kind = _flash_kind(q, keep)
+    if kind == "cpu":
+        out, lse = _CPU_FLASH_FWD(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, scale=scale)
+        return out.float(), lse.float()
+    if kind == "cuda":
+        out, lse, *rest = _CUDA_FLASH_FWD(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, False,
+                                          scale=scale)
+        if aux is not None and "cuda" not in aux:
+            # cum_seq_q, cum_seq_k, max_q, max_k, philox seed/offset: unused by the dense kernel's
+            # backward beyond being passed through (torch's context parallelism does the same)
+            aux["cuda"] = rest[:6]
         return out.float(), lse.float()
     scores = _masked_scores(q, k, scale, causal, keep)
     lse = torch.logsumexp(scores, dim=-1)  # -inf for a row that sees no key of this block
@@ -136,13 +123,20 @@ def _block_forward(q, k, v, scale, causal, keep):
     return torch.matmul(probs, v.float()), lse
 
 
-def _block_backward(dout, q, k, v, out, lse, delta, scale, causal, keep):
+def _block_backward(dout, q, k, v, out, lse, delta, scale, causal, keep, aux=None):
     """This block's dq `[b, h, sq, d]`, dk, dv `[b, hkv, sk, d]` (fp32), given the final out and lse."""
     group = q.shape[1] // k.shape[1]
     ke, ve = _expand(k, group), _expand(v, group)
-    if _use_flash(q, keep):
-        dq, dk, dv = _FLASH_BWD(dout.contiguous(), q.contiguous(), ke.contiguous(), ve.contiguous(),
-                                out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+    kind = _flash_kind(q, keep)
+    if kind == "cpu":
+        dq, dk, dv = _CPU_FLASH_BWD(dout.contiguous(), q.contiguous(), ke.contiguous(), ve.contiguous(),
+                                    out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+        dq, dk, dv = dq.float(), dk.float(), dv.float()
+    elif kind == "cuda":
+        cum_q, cum_k, _, _, seed, offset = aux["cuda"]
+        dq, dk, dv = _CUDA_FLASH_BWD(dout.contiguous(), q.contiguous(), ke.contiguous(), ve.contiguous(),
+                                     out.contiguous(), lse.contiguous(), cum_q, cum_k, q.shape[2], ke.shape[2],
+                                     0.0, causal, seed, offset, scale=scale)
         dq, dk, dv = dq.float(), dk.float(), dv.float()
     else:
         probs = torch.exp(_masked_scores(q, ke, scale, causal, keep) - lse[..., None])  # [b, h, sq, sk]
@@ -178,20 +172,33 @@ def _step_blocks(rank: int, src: int, length: int, causal: bool) -> list[tuple[s
 
 
 def _document_keep(seg, rank, src, rows, cols, length):
-    """(skip?, keep) for a block: keep is None when the document mask keeps everything."""
+    """(skip?, keep) for one block; keep is None when the document mask keeps everything.
+
+    `seg` is (device ids, host ids), both `[b, N]` in ring order, or None. The decisions are
+    taken on the host copy, so no layer waits for the GPU; only a block that really mixes
+    documents builds its `[b, 1, sq, sk]` mask, on the device.
+    """
     if seg is None:
         return False, None
-    sq = seg[:, rank * length:(rank + 1) * length][:, rows]  # [b, sq]
-    sk = seg[:, src * length:(src + 1) * length][:, cols]  # [b, sk]
-    # cheap O(s) answers first: one document spans the block, or the block shares none
-    if bool((sq == sk[:, :1]).all()) and bool((sk == sk[:, :1]).all()):
+    dev, host = seg
+    rq, rk = np.arange(length)[rows], np.arange(length)[cols]
+    sq = host[:, rank * length + rq]  # [b, sq]
+    sk = host[:, src * length + rk]  # [b, sk]
+    if (sq == sk[:, :1]).all() and (sk == sk[:, :1]).all():  # one document spans the block
         return False, None
-    if not bool(torch.isin(sq.reshape(-1), sk.reshape(-1)).any()):
+    keep_host = sq[:, :, None] == sk[:, None, :]  # [b, sq, sk]
+    if keep_host.all():
+        return False, None
+    if not keep_host.any():  # the block shares no document
         return True, None
-    keep = sq[:, None, :, None] == sk[:, None, None, :]  # [b, 1, sq, sk]
-    if bool(keep.all()):
-        return False, None
-    return not bool(keep.any()), keep
+    dq = dev[:, rank * length:(rank + 1) * length][:, rows]  # [b, sq]
+    dk = dev[:, src * length:(src + 1) * length][:, cols]  # [b, sk]
+    return False, dq[:, None, :, None] == dk[:, None, None, :]  # [b, 1, sq, sk]
+
+
+def _no_autocast(device_type: str):
+    """Both passes compute in the dtypes chosen here, never in whatever autocast would pick."""
+    return torch.autocast(device_type, enabled=False)
 
 
 class _RingAttentionFn(torch.autograd.Function):
@@ -200,85 +207,97 @@ class _RingAttentionFn(torch.autograd.Function):
         # q [b, hq, L, d], k/v [b, hkv, L, d]: this rank's L = N/R tokens in zigzag order
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         length = q.shape[2]
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])  # [2, b, hkv, L, d]: one message per hop
-        for step in range(size):
-            src = (rank - step) % size
-            pending = comm.ring_shift(kv, group, tag=0) if step + 1 < size else None
-            for rows, cols, diag in _step_blocks(rank, src, length, causal):
-                skip, keep = _document_keep(seg, rank, src, rows, cols, length)
-                if skip:
-                    continue
-                b_out, b_lse = _block_forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], scale, diag, keep)
-                _merge_(out[:, :, rows], lse[:, :, rows], b_out, b_lse)
-            if pending is not None:
-                kv = pending.wait()
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, seg)
-        ctx.group, ctx.causal, ctx.scale = group, causal, scale
+        aux: dict = {}
+        with _no_autocast(q.device.type):
+            out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+            kv = torch.stack([k, v])  # [2, b, hkv, L, d]: one message per hop
+            for step in range(size):
+                src = (rank - step) % size
+                pending = comm.ring_shift(kv, group, tag=0) if step + 1 < size else None
+                for rows, cols, diag in _step_blocks(rank, src, length, causal):
+                    skip, keep = _document_keep(seg, rank, src, rows, cols, length)
+                    if skip:
+                        continue
+                    b_out, b_lse = _block_forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], scale, diag,
+                                                  keep, aux)
+                    _merge_(out[:, :, rows], lse[:, :, rows], b_out, b_lse)
+                if pending is not None:
+                    kv = pending.wait()
+            out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.causal, ctx.scale, ctx.seg, ctx.aux = group, causal, scale, seg, aux
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, seg = ctx.saved_tensors
-        group, causal, scale = ctx.group, ctx.causal, ctx.scale
+        q, k, v, out, lse = ctx.saved_tensors
+        group, causal, scale, seg, aux = ctx.group, ctx.causal, ctx.scale, ctx.seg, ctx.aux
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         length = q.shape[2]
-        delta = (dout.float() * out.float()).sum(-1)  # [b, hq, L]: rowsum(dO * O)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])  # [2, b, hkv, L, d]
-        dkv_pending = None
-        for step in range(size):
-            src = (rank - step) % size
-            kv_pending = comm.ring_shift(kv, group, tag=0) if step + 1 < size else None
-            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # src's dK, dV share
-            for rows, cols, diag in _step_blocks(rank, src, length, causal):
-                skip, keep = _document_keep(seg, rank, src, rows, cols, length)
-                if skip:
-                    continue
-                dq_b, dk_b, dv_b = _block_backward(dout[:, :, rows], q[:, :, rows], kv[0][:, :, cols],
-                                                   kv[1][:, :, cols], out[:, :, rows], lse[:, :, rows],
-                                                   delta[:, :, rows], scale, diag, keep)
-                dq[:, :, rows] += dq_b
-                dkv[0][:, :, cols] += dk_b
-                dkv[1][:, :, cols] += dv_b
-            if dkv_pending is not None:  # what the ranks before me added for src's K/V
-                dkv += dkv_pending.wait()
-            if size > 1:
-                dkv_pending = comm.ring_shift(dkv, group, tag=1)
-            if kv_pending is not None:
-                kv = kv_pending.wait()
-        if dkv_pending is not None:  # the last hop brings every rank its own dK, dV
-            dkv = dkv_pending.wait()
+        with _no_autocast(q.device.type):
+            dout = dout.to(q.dtype)
+            delta = (dout.float() * out.float()).sum(-1)  # [b, hq, L]: rowsum(dO * O)
+            dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            kv = torch.stack([k, v])  # [2, b, hkv, L, d]
+            dkv_pending = None
+            for step in range(size):
+                src = (rank - step) % size
+                kv_pending = comm.ring_shift(kv, group, tag=0) if step + 1 < size else None
+                dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # src's dK, dV share
+                for rows, cols, diag in _step_blocks(rank, src, length, causal):
+                    skip, keep = _document_keep(seg, rank, src, rows, cols, length)
+                    if skip:
+                        continue
+                    dq_b, dk_b, dv_b = _block_backward(dout[:, :, rows], q[:, :, rows], kv[0][:, :, cols],
+                                                       kv[1][:, :, cols], out[:, :, rows], lse[:, :, rows],
+                                                       delta[:, :, rows], scale, diag, keep, aux)
+                    dq[:, :, rows] += dq_b
+                    dkv[0][:, :, cols] += dk_b
+                    dkv[1][:, :, cols] += dv_b
+                if dkv_pending is not None:  # what the ranks before me added for src's K/V
+                    dkv += dkv_pending.wait()
+                if size > 1:
+                    dkv_pending = comm.ring_shift(dkv, group, tag=1)
+                if kv_pending is not None:
+                    kv = kv_pending.wait()
+            if dkv_pending is not None:  # the last hop brings every rank its own dK, dV
+                dkv = dkv_pending.wait()
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *, causal: bool = True,
-                   softmax_scale: float | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   softmax_scale: float | None = None, segment_ids=None) -> torch.Tensor:
     """Exact attention of this ring rank's queries over the whole ring's keys.
 
     q `[b, hq, L, d]`, k and v `[b, hkv, L, d]` (hq % hkv == 0): the L = N/R tokens of this
-    rank in zigzag order. segment_ids: `[b, N]` in ring order, or None. Returns `[b, hq, L, d]`.
+    rank in zigzag order. segment_ids: a `Documents` (or `[b, N]` tensor) of the full sequence
+    in natural order, or None. Returns `[b, hq, L, d]`.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     size = dist.get_world_size(group)
     if causal and size > 1 and q.shape[2] % 2:
         raise ValueError(f"ring attention with the zigzag layout needs an even number of local tokens, got "
                          f"{q.shape[2]}: make the sequence length divisible by 2 x ring size ({2 * size})")
-    if segment_ids is not None:
-        if segment_ids.shape[-1] != size * q.shape[2] or segment_ids.shape[0] != q.shape[0]:
-            raise ValueError(f"segment_ids must be [b, N] = [{q.shape[0]}, {size * q.shape[2]}] for the whole "
-                             f"sequence, got {tuple(segment_ids.shape)}")
-        segment_ids = segment_ids.to(q.device)
-    return _RingAttentionFn.apply(q, k, v, group, causal, scale, segment_ids)
+    seg = None
+    docs = as_documents(segment_ids)
+    if docs is not None:
+        if docs.seq_len != size * q.shape[2] or docs.batch != q.shape[0]:
+            raise ValueError(f"segment_ids must cover the whole sequence, [b, N] = [{q.shape[0]}, "
+                             f"{size * q.shape[2]}], got {docs}")
+        docs = docs.to(q.device)
+        seg = docs.permuted(("ring", size), ring_permutation(docs.seq_len, size))
+    return _RingAttentionFn.apply(q, k, v, group, causal, scale, seg)
 
 
 class RingAttention(nn.Module):
     """Ring attention over `ring_group`, called like a local attention backend.
 
     `attn(q, k, v, attention_mask=None, segment_ids=None)` with q `[L, b, hq, d]` ("sbhd") or
-    `[b, L, hq, d]` ("bshd"), the L tokens of this ring rank in zigzag order. This is what
+    `[b, L, hq, d]` ("bshd"), the L tokens of this ring rank in zigzag order. segment_ids cover
+    the full sequence: a `Documents` (natural order, what the GPT model passes), or a `[b, N]`
+    tensor in ring order (what all-gathering every rank's shard yields: `segment_ids_order=
+    "ring"`, the default) or in natural order (`segment_ids_order="natural"`). This is what
     `DistributedAttention` wraps to make the Ulysses x ring hybrid.
     """
 
@@ -298,7 +317,7 @@ class RingAttention(nn.Module):
         """Take causal, scale, dropout and layout from a LocalAttention (or a wrapper of one)."""
         inner = local_attention
         while not hasattr(inner, "causal") and hasattr(inner, "inner"):
-            inner = inner.inner  # e.g. the transformer's selective-recompute wrapper
+            inner = inner.inner  # e.g. the selective-recompute wrapper
         if not hasattr(inner, "causal"):
             raise TypeError(f"cannot read causal/softmax_scale from {type(local_attention).__name__}: pass a "
                             "megatron.model.attention_backends.LocalAttention or build RingAttention directly")
@@ -314,10 +333,10 @@ class RingAttention(nn.Module):
         if self.training and self.dropout_p > 0:
             raise ValueError(f"ring attention has no attention dropout, but dropout_p={self.dropout_p} was "
                              "requested in training: set --attention-dropout 0 (or --ring-attention-size 1)")
-        size = dist.get_world_size(self.ring_group)
-        if segment_ids is not None and self.segment_ids_order == "natural":
-            segment_ids = segment_ids.index_select(1, ring_permutation(segment_ids.shape[1], size,
-                                                                        device=segment_ids.device))
+        if torch.is_tensor(segment_ids) and self.segment_ids_order == "ring":  # ring order -> natural order
+            perm = ring_permutation(segment_ids.shape[1], dist.get_world_size(self.ring_group),
+                                    device=segment_ids.device)
+            segment_ids = segment_ids.index_select(1, torch.argsort(perm))
         # [L, b, h, d] -> [b, h, L, d]   or   [b, L, h, d] -> [b, h, L, d]
         to_bhsd = (lambda t: t.permute(1, 2, 0, 3)) if self.layout == "sbhd" else (lambda t: t.transpose(1, 2))
         out = ring_attention(to_bhsd(q), to_bhsd(k), to_bhsd(v), self.ring_group, causal=self.causal,

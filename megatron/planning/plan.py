@@ -9,8 +9,9 @@ Adam state. Activation memory is not estimated (it depends on kernels and recomp
 from __future__ import annotations
 
 from megatron.config import RunConfig
-from megatron.training.distributed import zero_formula_bytes
-from megatron.training.flops import flops_per_step
+from megatron.core.topology import Topology
+from megatron.parallel.data_parallel import zero_formula_bytes
+from megatron.planning.flops import flops_per_step
 
 _MAX_RANK_ROWS = 64
 
@@ -19,10 +20,22 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
 
 
+def run_topology(cfg: RunConfig) -> Topology:
+    """The topology the run builds (what validation checked, what the plan prints)."""
+    m, p = cfg.model, cfg.parallel
+    return Topology(cfg.world_size, p.sequence_parallel_size, p.ring_attention_size,
+                    num_heads=m.num_attention_heads, num_kv_heads=m.num_query_groups,
+                    seq_length=cfg.data.seq_length, overlap_chunks=p.ulysses_overlap_chunks)
+
+
 def describe_plan(cfg: RunConfig, gpus_per_node: int | None = None) -> str:
     world, sp = cfg.world_size, cfg.parallel.sequence_parallel_size
     dp, mbs, gbs = cfg.data_parallel_size, cfg.train.micro_batch_size, cfg.train.global_batch_size
-    seq, m = cfg.data.seq_length, cfg.model
+    seq, m, par = cfg.data.seq_length, cfg.model, cfg.parallel
+    topo = run_topology(cfg)
+    heads, kv_heads = topo.max_heads_per_rank()
+    sp_text = (f"sequence parallel {sp} = Ulysses {topo.ulysses_size} x ring {topo.ring_size}"
+               if topo.ring_size > 1 else f"sequence parallel (Ulysses) {sp}")
     gpn = gpus_per_node or world
     n_params = m.num_parameters()
     mem = zero_formula_bytes(n_params, cfg.parallel.zero_stage, world)
@@ -30,14 +43,15 @@ def describe_plan(cfg: RunConfig, gpus_per_node: int | None = None) -> str:
     lines = [
         "DRY RUN: configuration is valid; nothing was launched.",
         f"world size {world} ({max(1, world // gpn)} node(s) x {gpn} rank(s)) = data parallel {dp} x "
-        f"sequence parallel (Ulysses) {sp}",
-        f"ZeRO stage {cfg.parallel.zero_stage} over the {world}-rank sequence-data-parallel group | "
-        f"precision {cfg.optim.dtype_name} | attention {m.attention_backend} | recompute {m.recompute_granularity}",
+        f"{sp_text}",
+        f"ZeRO stage {par.zero_stage} over the {world}-rank sequence-data-parallel group | "
+        f"precision {cfg.optim.dtype_name} | attention {par.attention_backend} | recompute {par.recompute_granularity}",
         f"batch: micro {mbs} x accumulation {cfg.num_micro_batches} x dp {dp} = global {gbs} sequences of "
         f"{seq} tokens",
         f"tokens per step {cfg.tokens_per_step:,} | per rank per micro-batch {mbs} x {seq // sp:,} tokens "
-        f"(1/{sp} of each sequence) | heads per rank in attention {m.num_attention_heads // sp} "
-        f"(K/V {m.num_query_groups // sp})",
+        f"(1/{sp} of each sequence) | heads per rank in attention {heads} (K/V {kv_heads})"
+        + (f" over {seq // topo.ring_size:,} tokens (1/{topo.ring_size} of the sequence, then the ring)"
+           if topo.ring_size > 1 else ""),
         f"train iterations {cfg.train.train_iters:,} = {cfg.train.train_iters * gbs:,} samples = "
         f"{cfg.train.train_iters * cfg.tokens_per_step:,} tokens | lr {cfg.optim.lr:g} -> {cfg.optim.min_lr:g} "
         f"{cfg.optim.lr_decay_style} over {cfg.optim.lr_decay_steps:,} steps, warmup {cfg.optim.lr_warmup_steps:,}",
@@ -48,13 +62,15 @@ def describe_plan(cfg: RunConfig, gpus_per_node: int | None = None) -> str:
         f"{_gib(mem['grad_bytes'])}, optimizer {_gib(mem['optimizer_bytes'])}, total {_gib(total)} "
         f"(+ activations)",
         "",
-        f"{'rank':>5} {'node':>5} {'local':>6} {'dp_rank':>8} {'sp_rank':>8}  sp group / dp group",
+        f"{'rank':>5} {'node':>5} {'local':>6} {'dp_rank':>8} {'sp_rank':>8}  sp group / dp group"
+        + ("  (ring rank, ulysses rank)" if topo.ring_size > 1 else ""),
     ]
+    sp_groups, dp_groups = topo.sp_groups(), topo.dp_groups()
     for r in range(min(world, _MAX_RANK_ROWS)):
-        sp_group = list(range(r - r % sp, r - r % sp + sp))
-        dp_group = list(range(r % sp, world, sp))
-        lines.append(f"{r:5d} {r // gpn:5d} {r % gpn:6d} {r // sp:8d} {r % sp:8d}  "
-                     f"{_short(sp_group)} / {_short(dp_group)}")
+        c = topo.coords(r)
+        extra = f"  ({c.ring_rank}, {c.ulysses_rank})" if topo.ring_size > 1 else ""
+        lines.append(f"{r:5d} {r // gpn:5d} {r % gpn:6d} {c.dp_rank:8d} {c.sp_rank:8d}  "
+                     f"{_short(sp_groups[c.dp_rank])} / {_short(dp_groups[c.sp_rank])}{extra}")
     if world > _MAX_RANK_ROWS:
         lines.append(f"... {world - _MAX_RANK_ROWS} more ranks follow the same pattern")
     lines += [f"note: {n}" for n in cfg.notes]

@@ -1,5 +1,7 @@
 """ZeRO stages over the sequence-data-parallel (SDP) group with torch-native engines.
 
+Part of `parallelize_gpt` (megatron.parallel.parallelize), which calls `apply_data_parallel`.
+
 Parameters are replicated over SP x DP (every SP rank needs every weight for its token
 shard), so gradient reduction and ZeRO sharding both span the flattened SDP mesh:
 
@@ -10,6 +12,9 @@ shard), so gradient reduction and ZeRO sharding both span the flattened SDP mesh
            from its forward to its backward (no second all-gather), freed after backward.
   stage 3  FSDP2 per layer with resharding after forward: params, grads and optimizer
            state sharded; each layer is all-gathered again for backward.
+
+Under --bf16/--fp16, FSDP2 gathers parameters in half precision (MixedPrecisionPolicy) and
+reduce-scatters gradients in fp32.
 
 DDP and FSDP average gradients over the group; the loss helper pre-multiplies the loss
 so that the average is the gradient of the global-batch mean (megatron.model.loss).
@@ -26,26 +31,67 @@ from torch import nn
 SHARDED_GRAD_STAGES = (2, 3)
 
 
-def wrap_model(model: nn.Module, zero_stage: int, parallel_state, device: torch.device) -> nn.Module:
-    """Apply the data-parallel engine of `zero_stage` to `model` (already on `device`)."""
+# DDP keyword arguments that every supported torch (>= 2.5) accepts; `forward_sync_buffers`
+# (torch >= 2.13) and `broadcast_buffers` (deprecated there) are not needed: the model has no
+# buffers. tests/parallel checks this list against torch 2.5's signature.
+DDP_KWARGS = ("process_group", "device_ids", "gradient_as_bucket_view")
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _fsdp():
+    """FSDP2's `fully_shard` and `MixedPrecisionPolicy` (public since torch 2.6, under
+    `torch.distributed._composable.fsdp` in 2.5)."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
+    return fully_shard, MixedPrecisionPolicy
+
+
+def mixed_precision_policy(precision: str):
+    """bf16/fp16 runs gather parameters in half precision (half the all-gather bytes and the
+    gathered copy) and reduce-scatter gradients in fp32; the sharded fp32 masters stay fp32."""
+    _, policy = _fsdp()
+    if precision not in _HALF:
+        return policy()
+    # cast_forward_inputs=False: layer inputs (the fp32 residual stream, RoPE's cos/sin) keep
+    # their dtype; autocast casts what each matmul needs, as it does without FSDP
+    return policy(param_dtype=_HALF[precision], reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def apply_data_parallel(model: nn.Module, zero_stage: int, parallel_state, device: torch.device,
+                        precision: str = "fp32") -> nn.Module:
+    """Apply the data-parallel engine of `zero_stage` over the SDP group.
+
+    Stages 0/1 need materialised parameters (DDP broadcasts rank 0's at construction);
+    stages 2/3 shard whatever the model holds, meta tensors included (materialised after).
+    """
     if zero_stage in (0, 1):
-        if parallel_state.sdp_size == 1:
+        if parallel_state is None or parallel_state.sdp_size == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
 
-        return DDP(model, process_group=parallel_state.sdp_group,
-                   device_ids=[device.index] if device.type == "cuda" else None,
-                   forward_sync_buffers=False, gradient_as_bucket_view=True)
-    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+        kwargs = dict(process_group=parallel_state.sdp_group,
+                      device_ids=[device.index] if device.type == "cuda" else None,
+                      gradient_as_bucket_view=True)
+        assert set(kwargs) <= set(DDP_KWARGS)
+        return DDP(model, **kwargs)
+    fully_shard, _ = _fsdp()
 
     # The GPT model returns its per-token loss as a transposed view; the loop never
     # modifies it in place, which is the only case FSDP2's warning is about.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
     reshard = zero_stage == 3
+    policy = mixed_precision_policy(precision)
+    mesh = parallel_state.sdp_mesh
     for layer in model.layers:
-        fully_shard(layer, mesh=parallel_state.sdp_mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=parallel_state.sdp_mesh, reshard_after_forward=reshard)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    if precision in _HALF:
+        # the residual stream stays fp32 (as under DDP + autocast): the embedding output would
+        # otherwise carry the gathered half-precision weights' dtype into every layer
+        model.embedding.register_forward_hook(lambda module, args, out: out.float())
     return model
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron.config import ModelConfig
+from megatron.config import ModelConfig, ParallelConfig
 
 GIB = 2 ** 30
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -88,6 +88,7 @@ class _Geometry:
     """Sizes of one rank's step; every tensor count below is in elements of these."""
 
     m: ModelConfig
+    p: ParallelConfig  # the strategy (attention kernel, recompute, tiling) and SP degrees
     n: int  # sequence length
     b: int  # micro batch
     sp: int
@@ -163,7 +164,7 @@ def _backend_saved_inputs(g: _Geometry) -> int:
     """What the local attention keeps of q, k, v: flash-attn contiguous copies; sdpa and
     classic the inputs themselves, with k and v replaced by their repeats under GQA."""
     m, a = g.m, g.act
-    if m.attention_backend == "flash-attn":
+    if g.p.attention_backend == "flash-attn":
         return a * g.n_qkv
     if not g.gqa:
         return _attention_input_storages(g)
@@ -187,7 +188,7 @@ def _attention_saved(g: _Geometry, selective: bool) -> dict:
     if g.ring > 1:  # ring attention keeps q, k, v as given (GQA expanded per block), out, lse
         return {"inputs": _attention_input_storages(g), "workspace": lse, "output": a * g.n_head_out}
     inputs = _backend_saved_inputs(g)
-    if m.attention_backend in ("sdpa", "flash-attn"):
+    if g.p.attention_backend in ("sdpa", "flash-attn"):
         return {"inputs": inputs, "workspace": lse, "output": a * g.n_head_out}
     # classic: fp32 probabilities (+ their bf16 copy under autocast) and the bool causal
     # mask; under autocast q and k are saved as fp32 copies
@@ -203,7 +204,7 @@ def _attention_saved(g: _Geometry, selective: bool) -> dict:
 def _proj_input_aliases_output(g: _Geometry) -> bool:
     """The fused kernels return [b, s, h, d] memory: with one sample and no all-to-all the
     projection's input is a view of the attention output rather than a copy."""
-    return g.sp == 1 and g.b == 1 and g.m.attention_backend in ("sdpa", "flash-attn")
+    return g.sp == 1 and g.b == 1 and g.p.attention_backend in ("sdpa", "flash-attn")
 
 
 def _mlp_internals(g: _Geometry) -> int:
@@ -230,7 +231,7 @@ def layer_saved(g: _Geometry, recompute: str | None) -> dict:
         "attention output": attn["output"] + proj_in,
         "residual + norm": mask + 4 * t * h + _norm_saved(g),
         # tiled MLP: the tile checkpoints keep only the fp32 norm output
-        "mlp": 4 * t * h if m.mlp_tiles > 1 else a * t * h + _mlp_internals(g),
+        "mlp": 4 * t * h if g.p.mlp_tiles > 1 else a * t * h + _mlp_internals(g),
         "dropout mask": mask,
     }
 
@@ -254,14 +255,14 @@ def _layer_forward_peak(g: _Geometry, recompute: str | None) -> int:
         core = 0
     if g.ring > 1:  # K/V block + the one in flight, fp32 output accumulator + one block's output
         core += 2 * a * 2 * g.na * g.kvl * m.kv_channels + 2 * 4 * g.n_head_out
-    elif m.attention_backend == "classic":
+    elif g.p.attention_backend == "classic":
         core += 2 * 4 * _scores(g) + 2 * g.na * g.na  # scaled and masked scores, the mask
-    elif recompute == "selective" and (m.attention_backend == "flash-attn" or g.gqa):
+    elif recompute == "selective" and (g.p.attention_backend == "flash-attn" or g.gqa):
         core += _backend_saved_inputs(g)  # the kernel's Q/K/V copies or K/V repeats, during the call
     core += items["attention workspace"] + items["attention output"]
     attention = before + core
     if recompute == "full":  # the layer input, residual, fp32 norm output and one MLP tile's locals
-        mlp = items["layer input"] + items["residual + norm"] + 4 * t * h + _mlp_internals(g) // m.mlp_tiles
+        mlp = items["layer input"] + items["residual + norm"] + 4 * t * h + _mlp_internals(g) // g.p.mlp_tiles
     else:
         mlp = sum(items.values())
     return max(attention, mlp + a * t * h)  # + the MLP output
@@ -279,12 +280,12 @@ def _layer_backward_extra(g: _Geometry, items: dict) -> int:
     m, a, t, h = g.m, g.act, g.t, g.m.hidden_size
     f = m.ffn_hidden_size
     wgrad_scale = 4 + (2 if a == 2 else 0)  # fp32 weight gradient (+ its bf16 original)
-    tiles = max(1, m.mlp_tiles)
+    tiles = max(1, g.p.mlp_tiles)
     tt = math.ceil(t / tiles)
     mlp = max((2 if m.activation == "swiglu" else 1) * a * tt * f, a * tt * f + wgrad_scale * f * h)
     if tiles > 1:  # one tile's intermediates are recomputed
         mlp += _mlp_internals(g) // tiles + a * tt * h
-    kernel_heads = g.hl + 2 * (g.hl if g.gqa and m.attention_backend != "flash-attn" else g.kvl)
+    kernel_heads = g.hl + 2 * (g.hl if g.gqa and g.p.attention_backend != "flash-attn" else g.kvl)
     attn = a * t * m.num_attention_heads * m.kv_channels + a * g.na * kernel_heads * m.kv_channels
     if g.ring > 1:  # fp32 dQ; K/V and fp32 dK/dV blocks, each with the one in flight; for one
         # block the kernel's contiguous Q, K, V, dO, O copies and its fp32 gradients
@@ -294,9 +295,9 @@ def _layer_backward_extra(g: _Geometry, items: dict) -> int:
             + a * (block + 2 * g.n_head_out) + 4 * block
     if g.ulysses > 1:
         attn += a * g.n_qkv  # the assembled gradient of the receive buffer
-    if m.attention_backend in ("sdpa", "flash-attn") and g.device == "cuda" and g.ring == 1:
+    if g.p.attention_backend in ("sdpa", "flash-attn") and g.device == "cuda" and g.ring == 1:
         attn += 4 * g.n_head_out  # the fp32 dQ accumulator of the flash backward
-    if m.attention_backend == "classic":
+    if g.p.attention_backend == "classic":
         attn += 2 * 4 * _scores(g)
     # the QKV projection's backward: its output gradient and its weight gradient
     attn = max(attn, a * t * g.qkv_width + wgrad_scale * h * g.qkv_width)
@@ -307,9 +308,9 @@ def _layer_backward_extra(g: _Geometry, items: dict) -> int:
 
 def _loss(g: _Geometry) -> dict:
     """Final norm, logits and cross-entropy: what is saved, and the forward/backward peaks."""
-    m, a, t, h, v = g.m, g.act, g.t, g.m.hidden_size, g.m.vocab_size
+    a, t, h, v = g.act, g.t, g.m.hidden_size, g.m.vocab_size
     saved = 4 * t * h + _norm_saved(g) + 8 * t  # final-norm input and stats, labels
-    tile = m.loss_tile_tokens
+    tile = g.p.loss_tile_tokens
     if tile > 0:
         tt = min(tile, t)
         saved += 4 * t * h + 8 * t  # fp32 hidden states, log-sum-exp and losses
@@ -360,10 +361,14 @@ def _states(m: ModelConfig, zero_stage: int, sdp: int, tensors) -> dict:
 
 
 def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: int = 1,
-                    sequence_parallel_size: int = 1, data_parallel_size: int = 1, zero_stage: int = 0,
-                    precision: str = "fp32", device: str = "cuda", ring_attention_size: int = 1,
-                    autocast_weight_cache: bool = True) -> dict:
+                    data_parallel_size: int = 1, precision: str = "fp32", device: str = "cuda",
+                    autocast_weight_cache: bool = True, parallel: ParallelConfig | None = None,
+                    **parallel_fields) -> dict:
     """Bytes one rank needs for a training step of `model` on `seq_length`-token sequences.
+
+    The strategy is `parallel` (a ParallelConfig: SP/ring degrees, ZeRO stage, attention
+    kernel, recompute, tiling), with any of its fields overridden by keyword
+    (`sequence_parallel_size=4, zero_stage=3, recompute_granularity="full"`, ...).
 
     The sequence-data-parallel group that ZeRO shards over has SP x DP ranks. Returns a
     dict of bytes: the static state (`parameters`, `gradients`, `optimizer_state`), the
@@ -377,7 +382,8 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    sp, ring, zero = sequence_parallel_size, ring_attention_size, zero_stage
+    p = (parallel or ParallelConfig()).replace(**parallel_fields)
+    sp, ring, zero = p.sequence_parallel_size, p.ring_attention_size, p.zero_stage
     if sp < 1 or ring < 1 or sp % ring or data_parallel_size < 1 or micro_batch_size < 1:
         raise ValueError(f"need SP >= 1, DP >= 1, micro batch >= 1 and ring size dividing SP; got SP={sp}, "
                          f"ring={ring}, DP={data_parallel_size}, micro batch={micro_batch_size}")
@@ -387,7 +393,7 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero}")
     half = precision != "fp32"
     act = 2 if half else 4
-    g = _Geometry(m=model, n=seq_length, b=micro_batch_size, sp=sp, ring=ring, act=act,
+    g = _Geometry(m=model, p=p, n=seq_length, b=micro_batch_size, sp=sp, ring=ring, act=act,
                   mask=1 if device == "cuda" else act, device=device)
     L, h, v = model.num_layers, model.hidden_size, model.vocab_size
     tensors = parameter_tensors(model)
@@ -395,7 +401,7 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
     states = _states(model, zero, sdp, tensors)
     static = sum(states.values())
 
-    recompute = model.recompute_granularity
+    recompute = p.recompute_granularity
     per_layer = {mode: layer_saved(g, mode) for mode in (None, "selective", "full")}
     saved = {mode: sum(items.values()) for mode, items in per_layer.items()}
     emb = _embedding_saved(g)
@@ -424,7 +430,7 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
     grad_buffers = 2 * 4 * layer_params if zero >= 2 else 0
     out_weights = 2 if model.untie_embeddings_and_output_weights else 1
     root_grads = 4 * out_weights * v * h if zero >= 2 else 0
-    out_copy = 2 * v * h if half and model.loss_tile_tokens == 0 else 0
+    out_copy = 2 * v * h if half and p.loss_tile_tokens == 0 else 0
     all_copies = 2 * (L * lin_layer + v * h) if half else 0
     if not half:
         copies = dict.fromkeys(("forward_end", "loss_backward", "layer_forward", "layer_backward"), 0)
@@ -492,7 +498,9 @@ def largest_seq_length(model: ModelConfig, budget_bytes: float, *, grow_position
     `grow_positions`: learned absolute positions get `max_position_embeddings = N` (what the
     scripts do), so their table grows with N. Returns 0 when even the shortest does not fit.
     """
-    step = sequence_granularity(settings.get("sequence_parallel_size", 1), settings.get("ring_attention_size", 1))
+    parallel = settings.get("parallel") or ParallelConfig()
+    step = sequence_granularity(settings.get("sequence_parallel_size", parallel.sequence_parallel_size),
+                                settings.get("ring_attention_size", parallel.ring_attention_size))
 
     def peak(n: int) -> float:
         m = model

@@ -1,0 +1,137 @@
+"""What `parallelize_gpt` does to the modules of a built model, each without renaming a parameter.
+
+torchtitan wraps modules (`checkpoint_wrapper`), which prefixes every parameter name; here a
+module's `forward` is replaced by a wrapped version of itself instead, so state dicts,
+checkpoints, ZeRO-1's by-name optimizer state and the Hugging Face mapping see the same
+names as the plain model's. FSDP2's hooks run around the replaced forward exactly as around
+the original (they live in `__call__`).
+
+* `apply_recompute(layer)`: full recompute (activation checkpointing): the layer keeps only
+  its inputs and recomputes the rest in backward.
+* `Recompute(local_attention)`: selective recompute of core attention (a parameter-free module).
+* `apply_mlp_tiling(mlp, tiles)`: the MLP over sequence tiles, each recomputed in backward.
+* `apply_offload(layer)`: tensors the layer saves for backward live in pinned host memory.
+* `SequenceParallelInputs`: the model's inputs for one SP shard (position ids, documents).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron.core import comm
+from megatron.core.documents import Documents
+from megatron.core.sequence_parallel.layer import check_same_local_shape
+from megatron.core.sequence_parallel.layout import sequence_permutation, sequence_shard_indices
+from megatron.model.tiling import tiled_apply
+
+
+def replace_forward(module: nn.Module, wrap) -> nn.Module:
+    """Set `module.forward = wrap(original_forward)`; `module.wrapped_forwards` lists what was applied."""
+    module.forward = wrap(module.forward)
+    module.wrapped_forwards = (*getattr(module, "wrapped_forwards", ()), getattr(wrap, "__name__", str(wrap)))
+    return module
+
+
+def apply_recompute(layer: nn.Module) -> nn.Module:
+    def recompute(forward):
+        @functools.wraps(forward)
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+    return replace_forward(layer, recompute)
+
+
+def apply_mlp_tiling(mlp: nn.Module, num_tiles: int) -> nn.Module:
+    def tiled(forward):
+        @functools.wraps(forward)
+        def run(x):
+            return tiled_apply(forward, x, num_tiles)
+        return run
+    return replace_forward(mlp, tiled)
+
+
+def apply_offload(layer: nn.Module) -> nn.Module:
+    """Keep what the layer saves for backward (with full recompute: just its input) in pinned
+    host memory. Meaningful on a GPU only; on CPU the tensors already live in host memory."""
+    def offload(forward):
+        @functools.wraps(forward)
+        def run(x, *args, **kwargs):
+            ctx = (torch.autograd.graph.save_on_cpu(pin_memory=True) if x.is_cuda and torch.is_grad_enabled()
+                   else contextlib.nullcontext())
+            with ctx:
+                return forward(x, *args, **kwargs)
+        return run
+    return replace_forward(layer, offload)
+
+
+class Recompute(nn.Module):
+    """Recompute the wrapped (parameter-free) module in backward instead of keeping its activations."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.inner(*args, **kwargs)
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+class SequenceParallelInputs:
+    """A forward pre-hook that turns a GPT model's inputs for one SP shard into what its layers need.
+
+    * position ids, when not given: the global positions of the shard's tokens (the layout);
+    * `segment_ids` given as this shard's `[b, N/P]` ids: all-gathered over the SP group
+      (one collective per micro-batch, on the ids' device) into the `Documents` of the full
+      sequences; a `Documents` (what the data path builds from the EOD index) passes as is;
+    * the shard length, checked equal on every rank once per distinct length.
+    """
+
+    def __init__(self, parallel_state, signature: inspect.Signature) -> None:
+        self.ps = parallel_state
+        self.signature = signature
+        self._checked: set = set()
+        self._positions: dict = {}
+
+    def __call__(self, module, args, kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        tokens = bound.arguments["tokens"]
+        b, local = tokens.shape
+        if local not in self._checked:
+            check_same_local_shape(local, self.ps.sp_group, device=tokens.device)
+            self._checked.add(local)
+        if bound.arguments.get("position_ids") is None:
+            bound.arguments["position_ids"] = self.positions(local, tokens.device).expand(b, local)
+        seg = bound.arguments.get("segment_ids")
+        if seg is not None and not isinstance(seg, Documents):
+            bound.arguments["segment_ids"] = self.documents(seg)
+        return bound.args, bound.kwargs
+
+    def positions(self, local: int, device) -> torch.Tensor:
+        key = (local, str(device))
+        if key not in self._positions:
+            idx = sequence_shard_indices(local * self.ps.sp_size, self.ps, device=device)  # [N/P]
+            self._positions[key] = idx.unsqueeze(0)
+        return self._positions[key]
+
+    def documents(self, shard_ids: torch.Tensor) -> Documents:
+        gathered = comm.all_gather_along(shard_ids.contiguous(), 1, self.ps.sp_group, kind="all_gather_segments")
+        if self.ps.ring_size > 1:  # gathered order -> natural order
+            perm = sequence_permutation(gathered.shape[1], self.ps.sp_size, self.ps.ring_size, device=gathered.device)
+            gathered = gathered.index_select(1, torch.argsort(perm))
+        return Documents.from_segment_ids(gathered)
+
+
+def install_sequence_parallel_inputs(model: nn.Module, parallel_state) -> SequenceParallelInputs:
+    hook = SequenceParallelInputs(parallel_state, inspect.signature(model.forward))
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    model.sequence_parallel_inputs = hook
+    return hook
