@@ -331,10 +331,19 @@ def build_train_valid_test_datasets(data_prefix, split: str, seq_length: int,
 
 
 def train_valid_test_num_samples(train_iters: int, global_batch_size: int, eval_interval: int,
-                                 eval_iters: int) -> tuple:
-    """Megatron's sample counts: train_iters*gbs, (train_iters//eval_interval + 1)*eval_iters*gbs, eval_iters*gbs."""
+                                 eval_iters: int, train_samples: int | None = None) -> tuple:
+    """The samples Megatron asks of each split (its training.build_train_valid_test_datasets):
+
+    * train: `--train-samples` when given, else train_iters * gbs;
+    * valid: (train_iters // eval_interval + 1) * eval_iters * gbs, one window of
+      eval_iters global batches per evaluation (every eval_interval, and one at the end);
+    * test: eval_iters * gbs.
+
+    `train_iters` is Megatron's: `--train-iters`, or `--train-samples // gbs`.
+    """
     evals = (train_iters // eval_interval + 1) * eval_iters
-    return train_iters * global_batch_size, evals * global_batch_size, eval_iters * global_batch_size
+    train = train_samples if train_samples else train_iters * global_batch_size
+    return train, evals * global_batch_size, eval_iters * global_batch_size
 
 
 __all__ = ["BlendedDataset", "DatasetTooSmallError", "GPTDataset", "build_train_valid_test_datasets",
