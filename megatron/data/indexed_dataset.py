@@ -313,8 +313,24 @@ def _remove_stale_temporaries(prefix: str) -> None:
                     pass  # alive, owned by someone else
 
 
+def _split_out_file(out_file) -> tuple[str, str]:
+    """(data path, prefix) of a builder's `out_file`: Megatron's `.bin` path, or a bare prefix."""
+    path = os.fspath(out_file)
+    if path.endswith(".bin"):
+        return path, path[:-4]
+    if path.endswith(".idx"):
+        raise ValueError(f"{path!r} is an index path; a builder takes the data file ({path[:-4]}.bin, as "
+                         f"Megatron's preprocess_data.py passes it) or the bare prefix ({path[:-4]!r})")
+    return data_file_path(path), path
+
+
 class MMapIndexedDatasetBuilder:
     """Write a `.bin/.idx` pair; nothing appears under the final names before `finalize()`.
+
+    Megatron's interface: `MMapIndexedDatasetBuilder(out_file, dtype)` takes the `.bin`
+    path (a bare prefix works too: `x` means `x.bin`), and `finalize(index_file)` the
+    `.idx` path (default: the `.bin` path with `.idx`). The default dtype is int64, as in
+    Megatron-DeepSpeed; `make_builder` picks the smallest one for a vocabulary.
 
     Two ways to add data: Megatron's `add_item(tokens)` + `end_document()` (or
     `add_doc(tokens, lengths)`: one document made of several sequences), and
@@ -323,8 +339,8 @@ class MMapIndexedDatasetBuilder:
     still a document boundary, as in Megatron's preprocessing of an empty text.
     """
 
-    def __init__(self, out_prefix: str, dtype=np.int32) -> None:
-        self._prefix = str(out_prefix)
+    def __init__(self, out_file: str, dtype=np.int64) -> None:
+        self._data_path, self._prefix = _split_out_file(out_file)
         self._dtype = np.dtype(dtype)
         dtype_code(self._dtype)  # fail early on a dtype Megatron cannot read
         if self._dtype.kind not in "iu":
@@ -332,9 +348,9 @@ class MMapIndexedDatasetBuilder:
         self._info = np.iinfo(self._dtype)
         os.makedirs(os.path.dirname(os.path.abspath(self._prefix)), exist_ok=True)
         _remove_stale_temporaries(self._prefix)
-        tag = f".tmp.{os.getpid()}"
-        self._bin_tmp = data_file_path(self._prefix) + tag
-        self._idx_tmp = index_file_path(self._prefix) + tag
+        self._tag = f".tmp.{os.getpid()}"
+        self._bin_tmp = self._data_path + self._tag
+        self._idx_tmp = None  # next to the index file, once finalize() knows its path
         self._bin = open(self._bin_tmp, "wb")
         self._sizes = _Growable()
         self._doc_idx = _Growable(0)
@@ -409,9 +425,16 @@ class MMapIndexedDatasetBuilder:
             shutil.copyfileobj(src, self._bin, length=16 << 20)
 
     def finalize(self, index_file: str | None = None) -> None:
-        """Write the index and move both files to their final names (`.idx` last)."""
+        """Write the index to `index_file` (default: the `.bin` path with `.idx`) and move
+        both files to their final names (`.idx` last)."""
         if self._done:
-            raise RuntimeError(f"builder for {self._prefix} is already finalized")
+            raise RuntimeError(f"builder for {self._data_path} is already finalized")
+        index_file = os.fspath(index_file) if index_file is not None else index_file_path(self._prefix)
+        if index_file.endswith(".bin"):
+            raise ValueError(f"finalize({index_file!r}): that is a data path; pass the index path "
+                             f"({index_file[:-4]}.idx) or nothing")
+        os.makedirs(os.path.dirname(os.path.abspath(index_file)), exist_ok=True)
+        self._idx_tmp = index_file + self._tag
         sizes = self._sizes.view()
         if len(sizes) and sizes.max() > np.iinfo(np.int32).max:
             raise ValueError("a sequence longer than 2**31-1 tokens cannot be stored in the int32 index")
@@ -430,8 +453,8 @@ class MMapIndexedDatasetBuilder:
             f.write(doc_idx.astype(np.int64).tobytes())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(self._bin_tmp, data_file_path(self._prefix))
-        os.replace(self._idx_tmp, index_file or index_file_path(self._prefix))
+        os.replace(self._bin_tmp, self._data_path)
+        os.replace(self._idx_tmp, index_file)
         self._done = True
 
     def abort(self) -> None:
@@ -439,16 +462,17 @@ class MMapIndexedDatasetBuilder:
         if not self._bin.closed:
             self._bin.close()
         for path in (self._bin_tmp, self._idx_tmp):
-            if os.path.exists(path):
+            if path is not None and os.path.exists(path):
                 os.remove(path)
         self._done = True
 
 
-def make_builder(out_prefix: str, impl: str = "mmap", vocab_size: int | None = None):
-    """Megatron's helper: a builder with the best dtype for `vocab_size`."""
+def make_builder(out_file: str, impl: str = "mmap", vocab_size: int | None = None):
+    """Megatron's helper: a builder of `out_file` (the `.bin` path, or a bare prefix) with the
+    best dtype for `vocab_size`; finish it with `finalize(index_file)`."""
     if impl != "mmap":
         raise ValueError(f"only --dataset-impl mmap is supported, got {impl!r}")
-    return MMapIndexedDatasetBuilder(out_prefix, dtype=best_dtype(vocab_size))
+    return MMapIndexedDatasetBuilder(out_file, dtype=best_dtype(vocab_size))
 
 
 def make_dataset(path_prefix: str, impl: str = "mmap", skip_warmup: bool = True) -> MMapIndexedDataset:
