@@ -21,7 +21,9 @@ a sequence-parallel rank touches only the pages of its own slice.
 The builder writes temporary files and renames them into place only in `finalize`
 (`.bin` first, `.idx` last), so a killed preprocessing run never leaves a pair that
 looks complete; the reader also cross-checks the pair so that a truncated or mixed-up
-`.bin` is reported instead of silently returning garbage.
+`.bin` is reported instead of silently returning garbage. One known-broken layout is read
+(with a warning) the way Megatron reads it: the files Megatron-DeepSpeed's
+preprocess_data.py --append-eod writes, whose index leaves out each document's EOD.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import mmap
 import os
 import shutil
 import struct
+import warnings
 
 import numpy as np
 
@@ -146,19 +149,53 @@ class MMapIndexedDataset:
         item = self._dtype.itemsize
         want = int(self._pointers[-1]) + int(self._sizes[-1]) * item if n_seq else 0
         have = os.path.getsize(bin_path)
+        self.unindexed_eods = False
         if have != want:
-            raise IndexedDatasetError(
-                f"{bin_path} has {have} bytes but {idx_path} describes {want} bytes "
-                f"({self.num_tokens} tokens of {self._dtype}): the .bin is "
-                f"{'truncated' if have < want else 'longer than its index'} or the pair comes from different runs"
-            )
+            if have > want and self._has_unindexed_eods(bin_path, have - want):
+                self._warn_unindexed_eods(bin_path, idx_path)
+            else:
+                raise IndexedDatasetError(
+                    f"{bin_path} has {have} bytes but {idx_path} describes {want} bytes "
+                    f"({self.num_tokens} tokens of {self._dtype}): the .bin is "
+                    f"{'truncated' if have < want else 'longer than its index'} or the pair comes from different "
+                    "runs")
         if have:
             with open(bin_path, "rb") as f:
                 self._bin_mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._tokens = np.frombuffer(self._bin_mmap, dtype=self._dtype)
+            self._tokens = np.frombuffer(self._bin_mmap, dtype=self._dtype, count=want // item)
         else:  # mmap of an empty file is an error on Linux
             self._bin_mmap = None
             self._tokens = np.empty(0, dtype=self._dtype)
+
+    def _has_unindexed_eods(self, bin_path: str, surplus_bytes: int, probes: int = 1000) -> bool:
+        """Is the surplus one token after every non-empty document, all with the same value
+        (the EOD)? Checked on up to `probes` documents spread over the file."""
+        item = self._dtype.itemsize
+        has_tokens = np.diff(self._doc_idx) > 0  # [documents]
+        if surplus_bytes != item * int(has_tokens.sum()):
+            return False
+        ends = np.concatenate(([0], np.cumsum(self._sizes, dtype=np.int64)))[self._doc_idx]  # [documents + 1]
+        doc_tokens = np.diff(ends)[has_tokens] + 1  # with the unindexed EOD
+        eod_at = np.cumsum(doc_tokens) - 1  # where each EOD really is in the .bin
+        pick = np.unique(np.linspace(0, len(eod_at) - 1, min(probes, len(eod_at))).astype(np.int64))
+        with open(bin_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            values = np.frombuffer(data, dtype=self._dtype)[eod_at[pick]]  # a copy: the map can close
+        return bool(np.all(values == values[0]))
+
+    def _warn_unindexed_eods(self, bin_path: str, idx_path: str) -> None:
+        """A `.bin` longer than its index by exactly one token per non-empty document is what
+        Megatron-DeepSpeed's tools/preprocess_data.py writes with --append-eod (since June
+        2023: the EOD is written but not counted in the sequence length; Megatron-LM fixed it
+        in Aug 2023). Megatron reads such a pair by its index, ignoring the surplus, so the
+        sequences are shifted against the documents; we read it the same way, so that samples
+        stay Megatron's, and say so."""
+        self.unindexed_eods = True
+        warnings.warn(
+            f"{bin_path} holds one token per document more than {idx_path} counts: the signature of "
+            "Megatron-DeepSpeed's preprocess_data.py --append-eod, which leaves each EOD out of the index. "
+            "Reading it by the index, exactly as Megatron does (same samples as upstream, but documents are "
+            "shifted against their EODs); re-run tools/preprocess_data.py to get correct files.",
+            stacklevel=4)
 
     def _check_index(self, idx_path: str) -> None:
         sizes, ptr, doc = self._sizes, self._pointers, self._doc_idx

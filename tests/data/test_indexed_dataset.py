@@ -259,3 +259,35 @@ def test_builder_default_dtype_and_paths_as_megatron(tmp_path):
     with pytest.raises(ValueError, match=r"data path.*y\.idx"):
         b.finalize(str(tmp_path / "y.bin"))
     b.abort()
+
+
+def _write_like_megatron_deepspeed_append_eod(up, stem, docs, eod):
+    """Megatron-DeepSpeed's tools/preprocess_data.py --append-eod (at the pinned commit): the
+    EOD is written after each non-empty document but left out of the sentence lengths."""
+    builder = up.make_builder(stem + ".bin", impl="mmap", vocab_size=50257)
+    for sentences in docs:
+        ids = [int(t) for s in sentences for t in s]
+        lens = [len(s) for s in sentences if len(s)]
+        if ids:
+            ids.append(eod)
+        builder.add_doc(ids, lens)
+    builder.finalize(stem + ".idx")
+
+
+def test_reads_megatron_deepspeed_append_eod_files_as_megatron_does(tmp_path):
+    from .upstream import load
+
+    up = load().indexed_dataset
+    stem = str(tmp_path / "ds_text_document")
+    _write_like_megatron_deepspeed_append_eod(up, stem, _documents(seed=3), eod=50256)
+    theirs = up.MMapIndexedDataset(stem, skip_warmup=True)
+    with pytest.warns(UserWarning, match="append-eod"):
+        mine = MMapIndexedDataset(stem)
+    assert mine.unindexed_eods and len(mine) == len(theirs)
+    assert all(np.array_equal(mine[i], theirs[i]) for i in range(len(mine)))
+    assert len(mine.tokens) == mine.num_tokens  # the surplus tail is not part of the dataset
+    # any other surplus is still an error
+    with open(stem + ".bin", "ab") as f:
+        f.write(b"\x00\x00")
+    with pytest.raises(IndexedDatasetError, match="longer than its index"):
+        MMapIndexedDataset(stem)
