@@ -218,8 +218,9 @@ class BlendedDataset:
             if counts[k] > len(d):
                 raise DatasetTooSmallError(
                     f"the first {num_samples} samples of the blend need {counts[k]} samples from "
-                    f"{d.indexed.path_prefix} ({d.name} split) but it was built with {len(d)}: build it for more "
-                    "samples (this happens only with hand-made blends; --data-path adds a 0.5% margin)")
+                    f"{d.indexed.path_prefix} ({d.name} split) but it was built with {len(d)}: give that dataset "
+                    "more documents in this split (--split), or build it for more samples (a zero-weight dataset "
+                    "of a --data-path blend still supplies a sample when it comes first among ties)")
 
     def __len__(self) -> int:
         return self.size
