@@ -32,6 +32,7 @@ from megatron.config import (
     TrainConfig,
 )
 from megatron.core.topology import Topology
+from megatron.data.tokenizers import build_tokenizer  # build_tokenizer(data_config) -> tokenizer
 from megatron.parallel.parallelize import validate_strategy
 
 # Flags that DeepSpeed's engine or pipeline code consume; here they have no effect.
@@ -429,6 +430,8 @@ def _resolve_batch(a: argparse.Namespace, dp: int) -> None:
                           None if a.train_tokens is None else math.ceil(a.train_tokens / tokens)) if x is not None]
     if not limits:
         raise ConfigError("one of --train-iters, --train-samples or --train-tokens is required")
+    # Megatron sizes the datasets by --train-iters (or --train-samples // gbs), not the token cap
+    a.dataset_train_iters = limits[0] if a.train_iters is not None or a.train_samples is not None else None
     a.train_iters = min(limits)  # with --train-tokens, training stops at whichever limit comes first
     if a.train_iters < 1:
         raise ConfigError(f"the run would train {a.train_iters} iterations; raise --train-iters/"
@@ -512,6 +515,7 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"--eval-iters must be >= 0, got {a.eval_iters}")
     return TrainConfig(micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
                        train_iters=a.train_iters, eval_interval=a.eval_interval, eval_iters=a.eval_iters,
+                       train_samples=a.train_samples, dataset_train_iters=getattr(a, "dataset_train_iters", None),
                        seed=a.seed, exit_interval=a.exit_interval, exit_signal_handler=a.exit_signal_handler,
                        exit_duration_in_mins=a.exit_duration_in_mins)
 
@@ -574,16 +578,6 @@ def _padded_vocab_size(data: DataConfig) -> int:
         return build_tokenizer(data).padded_vocab_size
     except (TokenizerError, OSError) as e:
         raise ConfigError(str(e)) from e
-
-
-def build_tokenizer(data: DataConfig):
-    """The tokenizer named by the data flags (cheap: files are small, nothing downloads)."""
-    from megatron.data.tokenizers import build_tokenizer as _build  # noqa: PLC0415
-
-    return _build(data.tokenizer_type, vocab_file=data.vocab_file, merge_file=data.merge_file,
-                  tokenizer_model=data.tokenizer_model, vocab_size=data.vocab_size,
-                  make_vocab_size_divisible_by=data.make_vocab_size_divisible_by,
-                  vocab_extra_ids=data.vocab_extra_ids)
 
 
 def _ceil_div(x: int | None, d: int) -> int | None:

@@ -256,6 +256,10 @@ class TrainConfig:
     exit_interval: int | None = None
     exit_signal_handler: bool = False  # on SIGTERM: finish the iteration, save, exit 0
     exit_duration_in_mins: float | None = None  # stop (save, exit 0) once this much wall time has passed
+    # Dataset sizing as in Megatron (megatron.data.gpt_dataset.train_valid_test_num_samples):
+    train_samples: int | None = None  # --train-samples as given; sizes the training set when set
+    dataset_train_iters: int | None = None  # --train-iters or --train-samples // gbs, before the
+    # --train-tokens cap (Megatron's args.train_iters); None: train_iters
 
     def num_micro_batches(self, data_parallel_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)

@@ -35,6 +35,7 @@ from megatron.data.index_mapping import (
     build_blending_indices,
     build_index_mappings,
     get_train_valid_test_split,
+    normalize_data_path_weights,
     normalize_weights,
 )
 from megatron.data.indexed_dataset import MMapIndexedDataset, index_file_path
@@ -44,7 +45,7 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 
 class DatasetTooSmallError(ValueError):
-    """A split that cannot fill a single sample."""
+    """A split (or blend) that cannot supply the samples asked of it."""
 
 
 def _log(msg: str) -> None:
@@ -71,13 +72,16 @@ class GPTDataset:
         self.seq_length = int(seq_length)
         self.cache_dir = cache_dir
         self.eod_mode = eod_mode
+        if num_samples < 0:
+            raise ValueError(f"{name}: num_samples must be >= 0, got {num_samples}")
         tokens_per_epoch = int(indexed.sizes[documents].sum(dtype=np.int64))
-        if tokens_per_epoch < seq_length + 1:
+        if tokens_per_epoch == 0:
+            # Megatron would loop forever looking for enough epochs
             raise DatasetTooSmallError(
-                f"the {name} split of {indexed.path_prefix} holds {tokens_per_epoch} tokens in {len(documents)} "
-                f"documents, fewer than one sample needs (--seq-length {seq_length} + 1 = {seq_length + 1}): "
-                "use more data, give this split a larger share of --split, or lower --seq-length"
-            )
+                f"the {name} split of {indexed.path_prefix} ({len(documents)} documents) holds no tokens, so it "
+                "can never fill a sample: use more data or give this split a larger share of --split")
+        # A split shorter than one sample (seq_length + 1 tokens) is repeated over as many
+        # epochs as needed, as in Megatron.
         description = {
             "kind": "gpt_index", "version": INDEX_VERSION, "name": name, "idx": describe_file(index_file_path(
                 indexed.path_prefix)), "documents": [int(documents[0]), int(documents[-1]), len(documents),
@@ -173,7 +177,12 @@ class BlendedDataset:
     """Samples drawn from several datasets in Megatron's greedy proportions."""
 
     def __init__(self, datasets: Sequence, weights: Sequence[float], size: int, *, cache_dir: str | None = None,
-                 collective: bool = True) -> None:
+                 collective: bool = True, check_samples: int | None = None) -> None:
+        """`weights` are normalised by their np.sum here, as Megatron's BlendableDataset does;
+        `build_train_valid_test_datasets` passes the `--data-path` weights already divided by
+        their Python sum, so that the greedy loop sees Megatron's weights to the last bit.
+        The first `check_samples` samples (default: all) are checked to exist now; a later
+        one that does not raises IndexError when read."""
         if len(datasets) != len(weights) or not datasets:
             raise ValueError("BlendedDataset needs one weight per dataset")
         if len(datasets) >= 32767:
@@ -198,13 +207,20 @@ class BlendedDataset:
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
         self.counts = np.bincount(self.dataset_index, minlength=len(self.datasets))
-        for k, d in enumerate(self.datasets):
-            if self.counts[k] > len(d):
-                raise DatasetTooSmallError(
-                    f"blend needs {self.counts[k]} samples from {d.indexed.path_prefix} ({d.name}) "
-                    f"but it was built with {len(d)}")
+        self.check_readable(self.size if check_samples is None else min(int(check_samples), self.size))
         _log(f" > blended {self.datasets[0].name}: {self.size} samples, per dataset {self.counts.tolist()} "
              f"(weights {np.round(self.weights, 4).tolist()})")
+
+    def check_readable(self, num_samples: int) -> None:
+        """Raise unless blend samples [0, num_samples) all exist in their datasets."""
+        counts = np.bincount(self.dataset_index[:num_samples], minlength=len(self.datasets))
+        for k, d in enumerate(self.datasets):
+            if counts[k] > len(d):
+                raise DatasetTooSmallError(
+                    f"the first {num_samples} samples of the blend need {counts[k]} samples from "
+                    f"{d.indexed.path_prefix} ({d.name} split) but it was built with {len(d)}: give that dataset "
+                    "more documents in this split (--split), or build it for more samples (a zero-weight dataset "
+                    "of a --data-path blend still supplies a sample when it comes first among ties)")
 
     def __len__(self) -> int:
         return self.size
@@ -249,17 +265,19 @@ def parse_data_prefix(data_prefix: str | Sequence[str]):
         except ValueError as e:
             raise ValueError(f"--data-path: {w!r} is not a weight (expected 'weight prefix' pairs)") from e
         prefixes.append(p.strip())
-    normalize_weights(weights)  # validates
+    normalize_data_path_weights(weights)  # validates
     return weights, prefixes
 
 
-def _split_datasets(prefix, split, seq_length, num_samples, seed, cache_dir, eod_mode):
+def _split_datasets(prefix, split, seq_length, num_samples, seed, cache_dir, eod_mode, build_empty=False):
+    """GPTDataset per split of one prefix; None for a split without documents, or (unless
+    `build_empty`, which blend components need) one asked for no samples."""
     indexed = MMapIndexedDataset(prefix)
     bounds = get_train_valid_test_split(split, len(indexed))
     out = []
     for i, name in enumerate(SPLIT_NAMES):
         n = num_samples[i]
-        if bounds[i + 1] <= bounds[i] or n is None or n <= 0:
+        if bounds[i + 1] <= bounds[i] or n is None or (n <= 0 and not build_empty):
             out.append(None)
             continue
         docs = np.arange(bounds[i], bounds[i + 1], dtype=np.int64)
@@ -274,21 +292,25 @@ def build_train_valid_test_datasets(data_prefix, split: str, seq_length: int,
     """(train, valid, test) datasets for Megatron's `--data-path`, `--split`, `--seq-length`, `--seed`.
 
     A split is None when it has no documents or 0 samples are asked of it. With several
-    weighted prefixes, each builds ceil(w * N * 1.005) samples per split and the blend
-    holds exactly N. `eod_token` builds the EOD tables now (needed for
+    weighted prefixes, each builds ceil(N * w * 1.005) samples per split (a zero weight
+    builds one epoch: the greedy blend still takes a sample from it) and, as in Megatron,
+    the blend holds the sum of those, a little more than N; its first N samples are
+    checked to exist. `eod_token` builds the EOD tables now (needed for
     reset_position_ids / reset_attention_mask under sequence parallelism) so that no
     training step pays for it. Call on every rank: rank 0 builds caches, others wait.
     """
-    weights, prefixes = parse_data_prefix(data_prefix)
+    items = [data_prefix] if isinstance(data_prefix, str) else [str(x) for x in data_prefix]
+    weights, prefixes = parse_data_prefix(items)
     nums = list(train_valid_test_num_samples)
     if len(nums) != 3:
         raise ValueError("train_valid_test_num_samples must have three entries")
-    if len(prefixes) == 1:
+    if len(items) == 1:
         result = _split_datasets(prefixes[0], split, seq_length, nums, seed, cache_dir, eod_mode)
-    else:
+    else:  # a blend, even of one weighted prefix ("1.0 PREFIX" builds 1.005 N samples, as in Megatron)
+        weights = normalize_data_path_weights(weights)  # Megatron's first normalisation
         per_dataset = [blending_num_samples(weights, n or 0) for n in nums]  # [split][dataset]
-        parts = [_split_datasets(p, split, seq_length, [per_dataset[s][k] for s in range(3)], seed, cache_dir,
-                                 eod_mode) for k, p in enumerate(prefixes)]
+        parts = [_split_datasets(p, split, seq_length, [per_dataset[s][k] if nums[s] else None for s in range(3)],
+                                 seed, cache_dir, eod_mode, build_empty=True) for k, p in enumerate(prefixes)]
         result = []
         for s, name in enumerate(SPLIT_NAMES):
             comps = [parts[k][s] for k in range(len(prefixes))]
@@ -300,7 +322,8 @@ def build_train_valid_test_datasets(data_prefix, split: str, seq_length: int,
                 raise DatasetTooSmallError(
                     f"the {name} split is empty for {missing} under --split {split}; every blended dataset "
                     "needs documents in each split that is used")
-            result.append(BlendedDataset(comps, weights, nums[s], cache_dir=cache_dir))
+            result.append(BlendedDataset(comps, weights, sum(per_dataset[s]), cache_dir=cache_dir,
+                                         check_samples=nums[s]))
     if eod_token is not None:
         for ds in result:
             if ds is not None:
@@ -309,10 +332,19 @@ def build_train_valid_test_datasets(data_prefix, split: str, seq_length: int,
 
 
 def train_valid_test_num_samples(train_iters: int, global_batch_size: int, eval_interval: int,
-                                 eval_iters: int) -> tuple:
-    """Megatron's sample counts: train_iters*gbs, (train_iters//eval_interval + 1)*eval_iters*gbs, eval_iters*gbs."""
+                                 eval_iters: int, train_samples: int | None = None) -> tuple:
+    """The samples Megatron asks of each split (its training.build_train_valid_test_datasets):
+
+    * train: `--train-samples` when given, else train_iters * gbs;
+    * valid: (train_iters // eval_interval + 1) * eval_iters * gbs, one window of
+      eval_iters global batches per evaluation (every eval_interval, and one at the end);
+    * test: eval_iters * gbs.
+
+    `train_iters` is Megatron's: `--train-iters`, or `--train-samples // gbs`.
+    """
     evals = (train_iters // eval_interval + 1) * eval_iters
-    return train_iters * global_batch_size, evals * global_batch_size, eval_iters * global_batch_size
+    train = train_samples if train_samples else train_iters * global_batch_size
+    return train, evals * global_batch_size, eval_iters * global_batch_size
 
 
 __all__ = ["BlendedDataset", "DatasetTooSmallError", "GPTDataset", "build_train_valid_test_datasets",

@@ -54,7 +54,7 @@ def num_epochs(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
     The -1: a sample needs seq_length + 1 tokens but shares its last one with the next.
     """
     if tokens_per_epoch < 1:
-        raise ValueError("an epoch with no tokens can never produce a sample")
+        raise ValueError("a split whose documents hold no tokens can never produce a sample")
     need = num_samples * seq_length + 1  # (E*T - 1)//seq >= N  <=>  E*T >= N*seq + 1
     return max(1, -(-need // tokens_per_epoch))
 
@@ -117,7 +117,8 @@ def build_index_mappings(documents: np.ndarray, sizes: np.ndarray, num_samples: 
 
     One RandomState(seed) is drawn from in order: doc_idx shuffle(s), then shuffle_idx.
     If more than one epoch is needed and the last one supplies fewer than 80% of an
-    epoch's samples, that epoch is shuffled separately (doc_idx and shuffle_idx).
+    epoch's samples, that epoch is shuffled separately (doc_idx and shuffle_idx). A split
+    shorter than one sample is simply repeated over as many epochs as the samples need.
     """
     documents = np.asarray(documents)
     tokens_per_epoch = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
@@ -128,7 +129,9 @@ def build_index_mappings(documents: np.ndarray, sizes: np.ndarray, num_samples: 
         from_full_epochs = ((epochs - 1) * tokens_per_epoch - 1) // seq_length
         last_epoch_samples = num_samples - from_full_epochs
         per_epoch = (tokens_per_epoch - 1) // seq_length
-        assert 0 <= last_epoch_samples < per_epoch + 1
+        # the last epoch can supply one sample more than per_epoch: its first sample may start
+        # on the token the previous epochs' last sample ended on (Megatron checks `<=` too)
+        assert 0 <= last_epoch_samples <= per_epoch + 1, (last_epoch_samples, per_epoch)
         separate_last_epoch = last_epoch_samples < int(0.80 * per_epoch)
     rng = np.random.RandomState(seed=seed)
     doc_idx = build_doc_idx(documents, epochs, rng, separate_last_epoch)
@@ -141,20 +144,44 @@ def build_index_mappings(documents: np.ndarray, sizes: np.ndarray, num_samples: 
 
 
 # -- blending -----------------------------------------------------------------------------
-def normalize_weights(weights: Sequence[float]) -> np.ndarray:
+# Megatron normalises blend weights twice, and the greedy loop below is sensitive to the
+# last bit of a weight (near-ties flip), so both steps are reproduced as Megatron does them:
+# 1. `--data-path` parsing divides by a Python float sum (added left to right from 0.0);
+# 2. the blended dataset divides those weights again by their `np.sum` (float64).
+def _check_weights(weights: Sequence[float]) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1 or len(w) == 0 or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"blend weights must be non-negative with a positive sum, got {list(weights)}")
-    return w / np.sum(w)
+    if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"blend weights must be finite and non-negative with a positive sum, got {list(weights)}; "
+                         "fix the weights of --data-path 'W1 PREFIX1 W2 PREFIX2 ...'")
+    return w
 
 
-def blending_num_samples(weights: Sequence[float], num_samples: int) -> list[int]:
-    """Samples to build per dataset for a blend of `num_samples`: ceil(w * N * 1.005),
-    the 0.5% margin Megatron adds so the greedy blend never runs a dataset dry."""
+def normalize_data_path_weights(weights: Sequence[float]) -> list[float]:
+    """Step 1: the weights of `--data-path` divided by their Python float sum."""
+    _check_weights(weights)
     total = 0.0
     for w in weights:
         total += float(w)
-    return [int(math.ceil(num_samples * (float(w) / total) * 1.005)) for w in weights]
+    return [float(w) / total for w in weights]
+
+
+def normalize_weights(weights: Sequence[float]) -> np.ndarray:
+    """Step 2: float64 weights divided by their `np.sum` (what the blended dataset does)."""
+    w = _check_weights(weights).copy()
+    w /= np.sum(w)
+    return w
+
+
+def blend_weights(weights: Sequence[float]) -> np.ndarray:
+    """The weights the greedy loop of a `--data-path` blend runs on: step 1, then step 2."""
+    return normalize_weights(normalize_data_path_weights(weights))
+
+
+def blending_num_samples(weights: Sequence[float], num_samples: int) -> list[int]:
+    """Samples to build per dataset for a blend of `num_samples`: ceil(N * w * 1.005) with w
+    from step 1, the 0.5% margin Megatron adds so the greedy blend never runs a dataset dry.
+    Megatron's blend then holds the sum of these, a little more than N."""
+    return [int(math.ceil(num_samples * w * 1.005)) for w in normalize_data_path_weights(weights)]
 
 
 def _greedy_steps(w: list, counts: list, first: int, steps: int, kinds: np.ndarray, sample: np.ndarray) -> None:
@@ -249,6 +276,7 @@ def _simulate_windows(w, origin, state, warmup, window, size, kinds, sample):
 
 
 __all__ = [
+    "blend_weights",
     "blending_num_samples",
     "build_blending_indices",
     "build_blending_indices_loop",
@@ -257,6 +285,7 @@ __all__ = [
     "build_sample_idx",
     "build_shuffle_idx",
     "get_train_valid_test_split",
+    "normalize_data_path_weights",
     "normalize_weights",
     "num_epochs",
 ]

@@ -21,7 +21,9 @@ a sequence-parallel rank touches only the pages of its own slice.
 The builder writes temporary files and renames them into place only in `finalize`
 (`.bin` first, `.idx` last), so a killed preprocessing run never leaves a pair that
 looks complete; the reader also cross-checks the pair so that a truncated or mixed-up
-`.bin` is reported instead of silently returning garbage.
+`.bin` is reported instead of silently returning garbage. One known-broken layout is read
+(with a warning) the way Megatron reads it: the files Megatron-DeepSpeed's
+preprocess_data.py --append-eod writes, whose index leaves out each document's EOD.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import mmap
 import os
 import shutil
 import struct
+import warnings
 
 import numpy as np
 
@@ -146,19 +149,53 @@ class MMapIndexedDataset:
         item = self._dtype.itemsize
         want = int(self._pointers[-1]) + int(self._sizes[-1]) * item if n_seq else 0
         have = os.path.getsize(bin_path)
+        self.unindexed_eods = False
         if have != want:
-            raise IndexedDatasetError(
-                f"{bin_path} has {have} bytes but {idx_path} describes {want} bytes "
-                f"({self.num_tokens} tokens of {self._dtype}): the .bin is "
-                f"{'truncated' if have < want else 'longer than its index'} or the pair comes from different runs"
-            )
+            if have > want and self._has_unindexed_eods(bin_path, have - want):
+                self._warn_unindexed_eods(bin_path, idx_path)
+            else:
+                raise IndexedDatasetError(
+                    f"{bin_path} has {have} bytes but {idx_path} describes {want} bytes "
+                    f"({self.num_tokens} tokens of {self._dtype}): the .bin is "
+                    f"{'truncated' if have < want else 'longer than its index'} or the pair comes from different "
+                    "runs")
         if have:
             with open(bin_path, "rb") as f:
                 self._bin_mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._tokens = np.frombuffer(self._bin_mmap, dtype=self._dtype)
+            self._tokens = np.frombuffer(self._bin_mmap, dtype=self._dtype, count=want // item)
         else:  # mmap of an empty file is an error on Linux
             self._bin_mmap = None
             self._tokens = np.empty(0, dtype=self._dtype)
+
+    def _has_unindexed_eods(self, bin_path: str, surplus_bytes: int, probes: int = 1000) -> bool:
+        """Is the surplus one token after every non-empty document, all with the same value
+        (the EOD)? Checked on up to `probes` documents spread over the file."""
+        item = self._dtype.itemsize
+        has_tokens = np.diff(self._doc_idx) > 0  # [documents]
+        if surplus_bytes != item * int(has_tokens.sum()):
+            return False
+        ends = np.concatenate(([0], np.cumsum(self._sizes, dtype=np.int64)))[self._doc_idx]  # [documents + 1]
+        doc_tokens = np.diff(ends)[has_tokens] + 1  # with the unindexed EOD
+        eod_at = np.cumsum(doc_tokens) - 1  # where each EOD really is in the .bin
+        pick = np.unique(np.linspace(0, len(eod_at) - 1, min(probes, len(eod_at))).astype(np.int64))
+        with open(bin_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            values = np.frombuffer(data, dtype=self._dtype)[eod_at[pick]]  # a copy: the map can close
+        return bool(np.all(values == values[0]))
+
+    def _warn_unindexed_eods(self, bin_path: str, idx_path: str) -> None:
+        """A `.bin` longer than its index by exactly one token per non-empty document is what
+        Megatron-DeepSpeed's tools/preprocess_data.py writes with --append-eod (since June
+        2023: the EOD is written but not counted in the sequence length; Megatron-LM fixed it
+        in Aug 2023). Megatron reads such a pair by its index, ignoring the surplus, so the
+        sequences are shifted against the documents; we read it the same way, so that samples
+        stay Megatron's, and say so."""
+        self.unindexed_eods = True
+        warnings.warn(
+            f"{bin_path} holds one token per document more than {idx_path} counts: the signature of "
+            "Megatron-DeepSpeed's preprocess_data.py --append-eod, which leaves each EOD out of the index. "
+            "Reading it by the index, exactly as Megatron does (same samples as upstream, but documents are "
+            "shifted against their EODs); re-run tools/preprocess_data.py to get correct files.",
+            stacklevel=4)
 
     def _check_index(self, idx_path: str) -> None:
         sizes, ptr, doc = self._sizes, self._pointers, self._doc_idx
@@ -313,8 +350,24 @@ def _remove_stale_temporaries(prefix: str) -> None:
                     pass  # alive, owned by someone else
 
 
+def _split_out_file(out_file) -> tuple[str, str]:
+    """(data path, prefix) of a builder's `out_file`: Megatron's `.bin` path, or a bare prefix."""
+    path = os.fspath(out_file)
+    if path.endswith(".bin"):
+        return path, path[:-4]
+    if path.endswith(".idx"):
+        raise ValueError(f"{path!r} is an index path; a builder takes the data file ({path[:-4]}.bin, as "
+                         f"Megatron's preprocess_data.py passes it) or the bare prefix ({path[:-4]!r})")
+    return data_file_path(path), path
+
+
 class MMapIndexedDatasetBuilder:
     """Write a `.bin/.idx` pair; nothing appears under the final names before `finalize()`.
+
+    Megatron's interface: `MMapIndexedDatasetBuilder(out_file, dtype)` takes the `.bin`
+    path (a bare prefix works too: `x` means `x.bin`), and `finalize(index_file)` the
+    `.idx` path (default: the `.bin` path with `.idx`). The default dtype is int64, as in
+    Megatron-DeepSpeed; `make_builder` picks the smallest one for a vocabulary.
 
     Two ways to add data: Megatron's `add_item(tokens)` + `end_document()` (or
     `add_doc(tokens, lengths)`: one document made of several sequences), and
@@ -323,8 +376,8 @@ class MMapIndexedDatasetBuilder:
     still a document boundary, as in Megatron's preprocessing of an empty text.
     """
 
-    def __init__(self, out_prefix: str, dtype=np.int32) -> None:
-        self._prefix = str(out_prefix)
+    def __init__(self, out_file: str, dtype=np.int64) -> None:
+        self._data_path, self._prefix = _split_out_file(out_file)
         self._dtype = np.dtype(dtype)
         dtype_code(self._dtype)  # fail early on a dtype Megatron cannot read
         if self._dtype.kind not in "iu":
@@ -332,9 +385,9 @@ class MMapIndexedDatasetBuilder:
         self._info = np.iinfo(self._dtype)
         os.makedirs(os.path.dirname(os.path.abspath(self._prefix)), exist_ok=True)
         _remove_stale_temporaries(self._prefix)
-        tag = f".tmp.{os.getpid()}"
-        self._bin_tmp = data_file_path(self._prefix) + tag
-        self._idx_tmp = index_file_path(self._prefix) + tag
+        self._tag = f".tmp.{os.getpid()}"
+        self._bin_tmp = self._data_path + self._tag
+        self._idx_tmp = None  # next to the index file, once finalize() knows its path
         self._bin = open(self._bin_tmp, "wb")
         self._sizes = _Growable()
         self._doc_idx = _Growable(0)
@@ -409,9 +462,16 @@ class MMapIndexedDatasetBuilder:
             shutil.copyfileobj(src, self._bin, length=16 << 20)
 
     def finalize(self, index_file: str | None = None) -> None:
-        """Write the index and move both files to their final names (`.idx` last)."""
+        """Write the index to `index_file` (default: the `.bin` path with `.idx`) and move
+        both files to their final names (`.idx` last)."""
         if self._done:
-            raise RuntimeError(f"builder for {self._prefix} is already finalized")
+            raise RuntimeError(f"builder for {self._data_path} is already finalized")
+        index_file = os.fspath(index_file) if index_file is not None else index_file_path(self._prefix)
+        if index_file.endswith(".bin"):
+            raise ValueError(f"finalize({index_file!r}): that is a data path; pass the index path "
+                             f"({index_file[:-4]}.idx) or nothing")
+        os.makedirs(os.path.dirname(os.path.abspath(index_file)), exist_ok=True)
+        self._idx_tmp = index_file + self._tag
         sizes = self._sizes.view()
         if len(sizes) and sizes.max() > np.iinfo(np.int32).max:
             raise ValueError("a sequence longer than 2**31-1 tokens cannot be stored in the int32 index")
@@ -430,8 +490,8 @@ class MMapIndexedDatasetBuilder:
             f.write(doc_idx.astype(np.int64).tobytes())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(self._bin_tmp, data_file_path(self._prefix))
-        os.replace(self._idx_tmp, index_file or index_file_path(self._prefix))
+        os.replace(self._bin_tmp, self._data_path)
+        os.replace(self._idx_tmp, index_file)
         self._done = True
 
     def abort(self) -> None:
@@ -439,16 +499,17 @@ class MMapIndexedDatasetBuilder:
         if not self._bin.closed:
             self._bin.close()
         for path in (self._bin_tmp, self._idx_tmp):
-            if os.path.exists(path):
+            if path is not None and os.path.exists(path):
                 os.remove(path)
         self._done = True
 
 
-def make_builder(out_prefix: str, impl: str = "mmap", vocab_size: int | None = None):
-    """Megatron's helper: a builder with the best dtype for `vocab_size`."""
+def make_builder(out_file: str, impl: str = "mmap", vocab_size: int | None = None):
+    """Megatron's helper: a builder of `out_file` (the `.bin` path, or a bare prefix) with the
+    best dtype for `vocab_size`; finish it with `finalize(index_file)`."""
     if impl != "mmap":
         raise ValueError(f"only --dataset-impl mmap is supported, got {impl!r}")
-    return MMapIndexedDatasetBuilder(out_prefix, dtype=best_dtype(vocab_size))
+    return MMapIndexedDatasetBuilder(out_file, dtype=best_dtype(vocab_size))
 
 
 def make_dataset(path_prefix: str, impl: str = "mmap", skip_warmup: bool = True) -> MMapIndexedDataset:

@@ -25,7 +25,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder, best_dtype
+from megatron.data.indexed_dataset import (
+    MMapIndexedDataset,
+    MMapIndexedDatasetBuilder,
+    best_dtype,
+    data_file_path,
+    index_file_path,
+)
 from megatron.data.tokenizers import build_tokenizer
 
 
@@ -165,7 +171,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
     init_args = (cfg.tokenizer_type, cfg.tokenizer_kwargs(), keys, cfg.append_eod, dtype)
     log = (lambda *a: None) if cfg.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
-    builders = {k: MMapIndexedDatasetBuilder(stats.outputs[k], dtype=dtype) for k in keys}
+    # Megatron's calling convention: the builder gets the .bin path, finalize() the .idx path
+    builders = {k: MMapIndexedDatasetBuilder(data_file_path(stats.outputs[k]), dtype=dtype) for k in keys}
     counter = [0]
     t0 = time.perf_counter()
     next_log = cfg.log_interval
@@ -200,8 +207,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
                     log(f"processed {stats.documents} documents ({stats.documents / dt:.0f} docs/s, "
                         f"{counter[0] / dt / 1e6:.2f} MB/s)")
                     next_log = (stats.documents // cfg.log_interval + 1) * cfg.log_interval
-        for b in builders.values():
-            b.finalize()
+        for k, b in builders.items():
+            b.finalize(index_file_path(stats.outputs[k]))
     except BaseException:
         for b in builders.values():
             b.abort()
@@ -238,9 +245,14 @@ def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> MMapInd
     if not input_prefixes:
         raise PreprocessError("merge needs at least one input prefix")
     first = MMapIndexedDataset(input_prefixes[0])
-    with MMapIndexedDatasetBuilder(output_prefix, dtype=first.dtype) as builder:
+    builder = MMapIndexedDatasetBuilder(data_file_path(output_prefix), dtype=first.dtype)
+    try:
         for prefix in input_prefixes:
             builder.merge_file_(prefix)
+    except BaseException:
+        builder.abort()
+        raise
+    builder.finalize(index_file_path(output_prefix))
     return MMapIndexedDataset(output_prefix)
 
 

@@ -290,10 +290,18 @@ class NullTokenizer(_Base):
         return " ".join(str(int(i)) for i in ids)
 
 
-def build_tokenizer(tokenizer_type: str, *, vocab_file=None, merge_file=None, tokenizer_model=None,
+def build_tokenizer(tokenizer_type, *, vocab_file=None, merge_file=None, tokenizer_model=None,
                     vocab_size=None, make_vocab_size_divisible_by=128, tensor_model_parallel_size=1,
                     vocab_extra_ids=0):
-    """Build the tokenizer named by Megatron's `--tokenizer-type`."""
+    """Build the tokenizer named by Megatron's `--tokenizer-type`.
+
+    `tokenizer_type` is the type name, or an object carrying Megatron's flag names as
+    attributes (`tokenizer_type`, `vocab_file`, ...): a `megatron.config.DataConfig`, or an
+    argparse namespace as upstream's `build_tokenizer(args)` takes; the keywords are then
+    read from it.
+    """
+    if hasattr(tokenizer_type, "tokenizer_type"):
+        return build_tokenizer_from_args(tokenizer_type)
     common = dict(make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                   tensor_model_parallel_size=tensor_model_parallel_size)
     if tokenizer_type == "GPT2BPETokenizer":
@@ -310,7 +318,7 @@ def build_tokenizer(tokenizer_type: str, *, vocab_file=None, merge_file=None, to
 
 
 def build_tokenizer_from_args(args):
-    """Build from an argparse namespace carrying Megatron's flag names."""
+    """Build from an object carrying Megatron's flag names (argparse namespace, DataConfig)."""
     return build_tokenizer(
         args.tokenizer_type,
         vocab_file=getattr(args, "vocab_file", None),

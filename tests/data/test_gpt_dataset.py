@@ -121,10 +121,11 @@ def test_blending_weights_and_exact_counts(tmp_path):
     n = 50
     train, valid, test = build_train_valid_test_datasets(["0.3", a, "0.7", b], "9,1,0", 16, (n, 10, 0), 7,
                                                          cache_dir=str(tmp_path / "c"))
-    assert isinstance(train, BlendedDataset) and test is None and len(train) == n and len(valid) == 10
-    kinds, samples = blending_loop([0.3, 0.7], n)
+    # as in Megatron, a blend holds the sum of what its components were built for (ceil(N * w * 1.005))
+    assert isinstance(train, BlendedDataset) and test is None and len(train) == 16 + 36 and len(valid) == 4 + 8
+    kinds, samples = blending_loop([0.3, 0.7], len(train))
     assert np.array_equal(train.dataset_index, kinds) and np.array_equal(train.dataset_sample_index, samples)
-    assert train.counts.tolist() == [15, 35]
+    assert np.bincount(train.dataset_index[:n]).tolist() == [15, 35]
     # each component was built for ceil(w * N * 1.005) samples (Megatron's margin)
     assert [d.name for d in train.datasets] == ["train", "train"]
     (a_alone, _, _) = build_train_valid_test_datasets(a, "9,1,0", 16, (16, 0, 0), 7, cache_dir=str(tmp_path / "c"))
@@ -138,8 +139,19 @@ def test_blending_weights_and_exact_counts(tmp_path):
 
 def test_too_small_and_empty_splits(tmp_path):
     prefix = make_dataset(tmp_path / "d", num_docs=10, max_len=5)
-    with pytest.raises(DatasetTooSmallError, match=r"the train split .* tokens in 10 documents.*--seq-length 4096"):
-        build_train_valid_test_datasets(prefix, "1", 4096, (1, 0, 0), 1, cache_dir=str(tmp_path))
+    # a split shorter than one sample is repeated over as many epochs as needed (as in Megatron)
+    (tiny, _, _) = build_train_valid_test_datasets(prefix, "1", 4096, (2, 0, 0), 1, cache_dir=str(tmp_path))
+    indexed = MMapIndexedDataset(prefix)
+    assert tiny.num_epochs > 100 and len(tiny) >= 2
+    check_against_reference(tiny, indexed, np.arange(10), 2, 4096, 1)
+    # a split without a single token cannot: named error
+    b = MMapIndexedDatasetBuilder(str(tmp_path / "empty"), dtype=np.uint16)
+    for _ in range(3):
+        b.add_item(np.array([], dtype=np.int64))
+        b.end_document()
+    b.finalize()
+    with pytest.raises(DatasetTooSmallError, match=r"train split .*empty \(3 documents\) holds no tokens"):
+        build_train_valid_test_datasets(str(tmp_path / "empty"), "1", 8, (1, 0, 0), 1, cache_dir=str(tmp_path))
     train, valid, test = build_train_valid_test_datasets(prefix, "1", 4, (5, 5, 5), 1, cache_dir=str(tmp_path))
     assert valid is None and test is None  # no documents in those splits
     # blended: all components lack a valid split -> None; only some lack it -> error

@@ -177,3 +177,117 @@ def test_pickle_reopens(good):
 
     ds = pickle.loads(pickle.dumps(MMapIndexedDataset(good)))
     assert list(ds[1]) == [4, 5]
+
+
+# -- Megatron's builder interface -------------------------------------------------------------
+def _documents(seed=0, n=30, vocab=50257):
+    """Documents as Megatron's preprocess_data.py sees them: lists of tokenized sentences,
+    some empty (which contribute no sequence), and a few empty documents."""
+    rng = np.random.default_rng(seed)
+    return [[rng.integers(0, vocab, size=int(rng.integers(0, 25))) for _ in range(int(rng.integers(0, 4)))]
+            for _ in range(n)]
+
+
+def _write_megatron_style(module, out_stem, docs, vocab):
+    """What Megatron's tools/preprocess_data.py does with `module.make_builder` (upstream's or ours)."""
+    builder = module.make_builder(out_stem + ".bin", impl="mmap", vocab_size=vocab)
+    for sentences in docs:
+        ids = [int(t) for s in sentences for t in s]
+        builder.add_doc(ids, [len(s) for s in sentences if len(s)])
+    builder.finalize(out_stem + ".idx")
+
+
+def _read(stem):
+    return open(stem + ".bin", "rb").read(), open(stem + ".idx", "rb").read()
+
+
+@pytest.mark.parametrize("vocab", [50257, 128000])
+def test_megatron_style_builder_calls_write_identical_files(tmp_path, vocab):
+    import torch
+
+    from megatron.data import indexed_dataset as ours
+
+    from .upstream import load
+
+    up = load().indexed_dataset
+    docs = _documents(vocab=vocab)
+    _write_megatron_style(ours, str(tmp_path / "ours_text_document"), docs, vocab)
+    _write_megatron_style(up, str(tmp_path / "upstream_text_document"), docs, vocab)
+    # our own style: a prefix, add_item + end_document, finalize() without arguments
+    b = ours.MMapIndexedDatasetBuilder(str(tmp_path / "prefix_style"), dtype=ours.best_dtype(vocab))
+    for sentences in docs:
+        for s in sentences:
+            if len(s):
+                b.add_item(torch.from_numpy(s))
+        b.end_document()
+    b.finalize()
+    expected = _read(str(tmp_path / "upstream_text_document"))
+    assert _read(str(tmp_path / "ours_text_document")) == expected
+    assert _read(str(tmp_path / "prefix_style")) == expected
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{s}.{e}" for s in ("ours_text_document", "prefix_style",
+                                                                       "upstream_text_document")
+                                                   for e in ("bin", "idx"))  # no x.bin.bin
+    # upstream's reader reads what we wrote, document for document
+    theirs = up.MMapIndexedDataset(str(tmp_path / "ours_text_document"), skip_warmup=True)
+    mine = MMapIndexedDataset(str(tmp_path / "ours_text_document"))
+    assert np.array_equal(theirs.doc_idx, mine.doc_idx) and np.array_equal(theirs.sizes, mine.sizes)
+    assert all(np.array_equal(theirs[i], mine[i]) for i in range(len(mine)))
+
+
+def test_builder_default_dtype_and_paths_as_megatron(tmp_path):
+    """`MMapIndexedDatasetBuilder(out_file)` defaults to int64 as upstream; the index may go
+    anywhere; a bare prefix still works; an index path given as the data file is refused."""
+    import torch
+
+    from .upstream import load
+
+    up = load().indexed_dataset
+    seqs = [torch.tensor([5, 6, 7]), torch.tensor([70000]), torch.tensor([1])]
+    for module, stem in ((up, "u"), (None, "o")):
+        builder = (module.MMapIndexedDatasetBuilder if module else MMapIndexedDatasetBuilder)(
+            str(tmp_path / f"{stem}.bin"))
+        for s in seqs:
+            builder.add_item(s)
+            builder.end_document()
+        builder.finalize(str(tmp_path / "idx" / f"{stem}.idx") if module is None else str(tmp_path / f"{stem}.idx"))
+    assert open(tmp_path / "o.bin", "rb").read() == open(tmp_path / "u.bin", "rb").read()
+    assert open(tmp_path / "idx" / "o.idx", "rb").read() == open(tmp_path / "u.idx", "rb").read()
+    assert MMapIndexedDataset(str(tmp_path / "u")).dtype is np.int64
+    with pytest.raises(ValueError, match=r"index path.*x\.bin"):
+        MMapIndexedDatasetBuilder(str(tmp_path / "x.idx"))
+    b = MMapIndexedDatasetBuilder(str(tmp_path / "y.bin"), dtype=np.uint16)
+    with pytest.raises(ValueError, match=r"data path.*y\.idx"):
+        b.finalize(str(tmp_path / "y.bin"))
+    b.abort()
+
+
+def _write_like_megatron_deepspeed_append_eod(up, stem, docs, eod):
+    """Megatron-DeepSpeed's tools/preprocess_data.py --append-eod (at the pinned commit): the
+    EOD is written after each non-empty document but left out of the sentence lengths."""
+    builder = up.make_builder(stem + ".bin", impl="mmap", vocab_size=50257)
+    for sentences in docs:
+        ids = [int(t) for s in sentences for t in s]
+        lens = [len(s) for s in sentences if len(s)]
+        if ids:
+            ids.append(eod)
+        builder.add_doc(ids, lens)
+    builder.finalize(stem + ".idx")
+
+
+def test_reads_megatron_deepspeed_append_eod_files_as_megatron_does(tmp_path):
+    from .upstream import load
+
+    up = load().indexed_dataset
+    stem = str(tmp_path / "ds_text_document")
+    _write_like_megatron_deepspeed_append_eod(up, stem, _documents(seed=3), eod=50256)
+    theirs = up.MMapIndexedDataset(stem, skip_warmup=True)
+    with pytest.warns(UserWarning, match="append-eod"):
+        mine = MMapIndexedDataset(stem)
+    assert mine.unindexed_eods and len(mine) == len(theirs)
+    assert all(np.array_equal(mine[i], theirs[i]) for i in range(len(mine)))
+    assert len(mine.tokens) == mine.num_tokens  # the surplus tail is not part of the dataset
+    # any other surplus is still an error
+    with open(stem + ".bin", "ab") as f:
+        f.write(b"\x00\x00")
+    with pytest.raises(IndexedDatasetError, match="longer than its index"):
+        MMapIndexedDataset(stem)
