@@ -14,8 +14,12 @@ import types
 
 import pytest
 
-from megatron.config import LogConfig
+from megatron.arguments import parse_args
+from megatron.config import ConfigError, LogConfig
 from megatron.training.metrics import RunLogger
+
+BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --lr 1e-3 "
+        "--train-iters 10 --mock-data --vocab-size 100").split()
 
 
 def _stats(it: int) -> dict:
@@ -51,6 +55,28 @@ def recorder(monkeypatch):
     module.init = rec.init
     monkeypatch.setitem(sys.modules, "wandb", module)
     return rec
+
+
+def test_flags_reach_the_log_config(monkeypatch, tmp_path):
+    monkeypatch.setattr("megatron.arguments._has_module", lambda name: True)
+    c = parse_args(BASE + ["--wandb-project", "pretrain-llama2", "--wandb-exp-name", "exp0",
+                           "--save", str(tmp_path / "ckpt")], world_size=1, padded_vocab_size=128)
+    log = c.log
+    assert (log.wandb_project, log.wandb_exp_name) == ("pretrain-llama2", "exp0")
+    assert log.wandb_save_dir == str(tmp_path / "ckpt" / "wandb")  # upstream's default: <save>/wandb
+    config = dict(log.wandb_config)
+    assert config["hidden_size"] == 64 and config["wandb_project"] == "pretrain-llama2"
+    assert parse_args(BASE, world_size=1, padded_vocab_size=128).log.wandb_project == ""  # off by default
+
+
+def test_missing_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("megatron.arguments._has_module", lambda name: name != "wandb")
+    with pytest.raises(ConfigError) as e:
+        parse_args(BASE + ["--wandb-project", "p"], world_size=1, padded_vocab_size=128)
+    assert "--wandb-project" in str(e.value) and "pip install wandb" in str(e.value)
+    # a dry run on a login node does not need the package
+    assert parse_args(BASE + ["--wandb-project", "p"], world_size=1, padded_vocab_size=128,
+                      check_environment=False).log.wandb_project == "p"
 
 
 def test_run_logger_calls(recorder, tmp_path):
