@@ -19,6 +19,7 @@ import ast
 import json
 import subprocess
 import sys
+import warnings
 
 UPSTREAM_REPO = "microsoft/Megatron-DeepSpeed"
 DEEPSPEED_REPO = "microsoft/DeepSpeed"
@@ -70,7 +71,10 @@ def _group_titles(fn: ast.FunctionDef) -> dict:
 
 def extract(source: str, origin: str) -> list:
     """One record per `add_argument` call, in source order."""
-    tree = ast.parse(source)
+    with warnings.catch_warnings():  # upstream help strings hold escapes like "\ " that Python warns about
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tree = ast.parse(source)
     records = []
     for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
         titles = _group_titles(fn)
