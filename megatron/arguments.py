@@ -52,21 +52,27 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     p = argparse.ArgumentParser(description="GPT pretraining with DeepSpeed-Ulysses sequence parallelism",
                                 allow_abbrev=False)
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int)
+    g.add_argument("--num-layers", type=int, help="transformer layers (required)")
     g.add_argument("--encoder-num-layers", type=int, help="upstream's alias of --num-layers (used when it is absent)")
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--ffn-hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--kv-channels", type=int)
+    g.add_argument("--hidden-size", type=int, help="model width (required)")
+    g.add_argument("--ffn-hidden-size", type=int,
+                   help="MLP width (default 4 x hidden; with --swiglu 2/3 of that, rounded down to a multiple of 64)")
+    g.add_argument("--num-attention-heads", type=int, help="query heads (required; >= the Ulysses degree)")
+    g.add_argument("--kv-channels", type=int, help="head dimension (default hidden / heads)")
     g.add_argument("--num-key-value-heads", type=int, help="Megatron-DeepSpeed's name for K/V heads")
-    g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int)
-    g.add_argument("--seq-length", type=int)
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="grouped-query attention (with --num-query-groups; 1 group if that is absent)")
+    g.add_argument("--num-query-groups", type=int,
+                   help="K/V heads for grouped-query attention (Megatron-LM's name)")
+    g.add_argument("--seq-length", type=int,
+                   help="tokens per sample (required; divisible by --ds-sequence-parallel-size)")
     g.add_argument("--encoder-seq-length", type=int, help="upstream's alias of --seq-length (used when it is absent)")
-    g.add_argument("--max-position-embeddings", type=int)
-    g.add_argument("--position-embedding-type", default="learned_absolute", choices=sorted(_POSITION_ALIASES))
+    g.add_argument("--max-position-embeddings", type=int,
+                   help="learned position table size (default --seq-length)")
+    g.add_argument("--position-embedding-type", default="learned_absolute", choices=sorted(_POSITION_ALIASES),
+                   help="learned_absolute (GPT-3), rope (Llama) or none")
     g.add_argument("--use-rotary-position-embeddings", action="store_true", help="= --position-embedding-type rope")
-    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (theta)")
     g.add_argument("--rope-theta", "--rotary-position-embeddings-theta", type=float, dest="rotary_base",
                    help="aliases of --rotary-base (--rotary-position-embeddings-theta is Megatron-DeepSpeed's name)")
     g.add_argument("--rotary-percent", type=float, default=1.0,
@@ -74,90 +80,115 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--no-position-embedding", action="store_false", dest="add_position_embedding",
                    help="no learned absolute position embedding (= --position-embedding-type none unless RoPE)")
     g.add_argument("--normalization", default="LayerNorm", type=lambda s: _NORM_ALIASES.get(s.lower(), s),
-                   choices=["LayerNorm", "RMSNorm"])
-    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float, default=1e-5)
-    g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--disable-bias-linear", action="store_true")
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--hidden-dropout", type=float, default=0.1)
-    g.add_argument("--attention-dropout", type=float, default=0.1)
-    g.add_argument("--attention-softmax-in-fp32", action="store_true", default=True)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+                   choices=["LayerNorm", "RMSNorm"], help="LayerNorm or RMSNorm (case-insensitive)")
+    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float, default=1e-5,
+                   help="epsilon of LayerNorm/RMSNorm (--layernorm-epsilon is upstream's name)")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GeLU (Llama)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="a separate output projection instead of the input embedding")
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="no biases in the linear layers (Llama)")
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="standard deviation of the normal weight initialization")
+    g.add_argument("--hidden-dropout", type=float, default=0.1, help="dropout after attention and MLP")
+    g.add_argument("--attention-dropout", type=float, default=0.1, help="dropout of attention probabilities")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true", default=True,
+                   help="always on here: softmax runs in fp32")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this")
 
     g = p.add_argument_group("batch and schedule")
-    g.add_argument("--micro-batch-size", type=int)
-    g.add_argument("--global-batch-size", type=int)
-    g.add_argument("--rampup-batch-size", nargs="*")
-    g.add_argument("--train-iters", type=int)
-    g.add_argument("--train-samples", type=int)
-    g.add_argument("--train-tokens", type=int)
-    g.add_argument("--exit-interval", type=int)
+    g.add_argument("--micro-batch-size", type=int,
+                   help="samples per rank per forward pass (default 1, or the DeepSpeed JSON's)")
+    g.add_argument("--global-batch-size", type=int,
+                   help="samples per optimizer step (default micro batch x data-parallel size)")
+    g.add_argument("--rampup-batch-size", nargs="*", help="batch-size ramp-up (refused: not implemented)")
+    g.add_argument("--train-iters", type=int, help="optimizer steps to train")
+    g.add_argument("--train-samples", type=int, help="samples to train (steps = samples / global batch)")
+    g.add_argument("--train-tokens", type=int,
+                   help="tokens to train; with --train-iters/--train-samples, the first limit reached stops the run")
+    g.add_argument("--exit-interval", type=int,
+                   help="save (with --save) and exit 0 at an iteration divisible by this")
     g.add_argument("--exit-duration-in-mins", type=float,
                    help="after this many minutes of training, save a checkpoint to --save and exit 0")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, finish the current iteration, save a checkpoint to --save and exit 0")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"],
                    help="adam and adamw are both AdamW (decoupled weight decay, as upstream's adam); sgd is refused")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES)
-    g.add_argument("--lr-decay-iters", type=int)
-    g.add_argument("--lr-decay-samples", type=int)
-    g.add_argument("--lr-decay-tokens", type=int)
-    g.add_argument("--lr-warmup-iters", type=int)
-    g.add_argument("--lr-warmup-fraction", type=float)
-    g.add_argument("--lr-warmup-samples", type=int)
-    g.add_argument("--lr-warmup-tokens", type=int)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--lr", type=float, help="peak learning rate (required)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
+    g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES,
+                   help="learning-rate decay after warmup")
+    g.add_argument("--lr-decay-iters", type=int, help="decay length in steps (default: the whole run)")
+    g.add_argument("--lr-decay-samples", type=int, help="decay length in samples")
+    g.add_argument("--lr-decay-tokens", type=int, help="decay length in tokens")
+    g.add_argument("--lr-warmup-iters", type=int, help="linear warmup length in steps (default 0)")
+    g.add_argument("--lr-warmup-fraction", type=float, help="warmup length as a fraction of the decay length")
+    g.add_argument("--lr-warmup-samples", type=int, help="warmup length in samples")
+    g.add_argument("--lr-warmup-tokens", type=int, help="warmup length in tokens")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--clip-grad", type=float,
+                   help="clip the global gradient norm to this (default 1.0; 0: no clipping)")
+    g.add_argument("--seed", type=int, default=1234, help="random seed (weights, dropout, data order)")
 
     g = p.add_argument_group("precision")
-    g.add_argument("--fp16", action="store_true", default=None)
-    g.add_argument("--bf16", action="store_true", default=None)
-    g.add_argument("--loss-scale", type=float)
-    g.add_argument("--initial-loss-scale", type=float)
-    g.add_argument("--min-loss-scale", type=float)
-    g.add_argument("--loss-scale-window", type=_int_like)
-    g.add_argument("--hysteresis", type=int)
+    g.add_argument("--fp16", action="store_true", default=None,
+                   help="fp16 mixed precision with a loss scaler")
+    g.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    g.add_argument("--loss-scale", type=float, help="static fp16 loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, help="first dynamic fp16 loss scale (default 2^32)")
+    g.add_argument("--min-loss-scale", type=float, help="lowest dynamic fp16 loss scale (default 1)")
+    g.add_argument("--loss-scale-window", type=_int_like,
+                   help="overflow-free steps before the dynamic scale doubles (default 1000)")
+    g.add_argument("--hysteresis", type=int,
+                   help="overflows tolerated before the dynamic scale halves (default 2)")
 
     g = p.add_argument_group("parallelism and memory")
-    g.add_argument("--ds-sequence-parallel-size", type=int, default=1)
+    g.add_argument("--ds-sequence-parallel-size", type=int, default=1,
+                   help="Ulysses sequence-parallel degree: ranks that share each sample's tokens")
     g.add_argument("--ring-attention-size", type=int, default=1,
                    help="ring degree R inside the SP group: Ulysses over SP/R ranks x ring attention over R "
                         "(lifts the heads >= SP cap; R = SP is pure ring attention)")
     g.add_argument("--ulysses-overlap-chunks", type=int, default=1,
                    help="pipeline Ulysses over this many head chunks so all-to-alls overlap attention")
-    g.add_argument("--zero-stage", type=int)
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--zero-stage", type=int,
+                   help="0: DDP; 1: sharded optimizer state; 2: and gradients (FSDP2); 3: and parameters (FSDP2)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="must be 1 (tensor parallelism is not implemented)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="must be 1 (pipeline parallelism is not implemented)")
     g.add_argument("--sequence-parallel", action="store_true",
-                   help="Megatron's tensor-parallel sequence parallelism (unsupported; Ulysses is "
-                        "--ds-sequence-parallel-size)")
+                   help="Megatron's tensor-parallel sequence parallelism: a note at tensor parallel 1, where "
+                        "upstream turns it off too (Ulysses is --ds-sequence-parallel-size)")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo", "ccl", "hccl"],
                    help="nccl (GPUs) or gloo (CPU); upstream's ccl/hccl (Intel, Habana) are refused")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
-    g.add_argument("--checkpoint-activations", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="timeout of collective operations")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute every layer in the backward pass (= --recompute-granularity full)")
     g.add_argument("--checkpoint-num-layers", type=int, default=1,
                    help="layers per recomputed chunk with --checkpoint-activations (only 1 is implemented yet)")
     g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--recompute-granularity", choices=["full", "selective"],
+                   help="full: recompute whole layers; selective: recompute core attention only")
     g.add_argument("--use-flash-attn-v2", dest="use_flash_attn", action="store_true",
                    help="= --attention-backend flash-attn")
     g.add_argument("--use-flash-attn", "--use-flash-attn-v1", dest="use_flash_attn_v1", action="store_true",
                    help="upstream's FlashAttention v1 flag: selects the flash-attn backend (with a note)")
     g.add_argument("--use-flash-attn-builder", action="store_true",
                    help="upstream's DeepSpeed FlashAttention op: selects the flash-attn backend (with a note)")
-    g.add_argument("--use-flash-attn-triton", action="store_true")
-    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS)
+    g.add_argument("--use-flash-attn-triton", action="store_true",
+                   help="= --attention-backend triton (this framework's Triton FlashAttention kernel)")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
+                   help="core attention kernel (default sdpa: torch scaled_dot_product_attention)")
     g.add_argument("--deepspeed", "--deepscale", dest="deepspeed", action="store_true",
                    help="read --deepspeed_config as DeepSpeed does (loss scaling and clipping from the JSON, batch "
                         "sizes from the Megatron flags); no DeepSpeed engine is used")
-    g.add_argument("--deepspeed_config", "--deepspeed-config", "--deepscale_config", dest="deepspeed_config")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", "--deepscale_config", dest="deepspeed_config",
+                   help="a DeepSpeed JSON config (see 'DeepSpeed JSON' in docs/flags.md)")
     g.add_argument("--ds-sequence-parallel-fpdt", action="store_true",
                    help="FPDT: Ulysses attention over sequence chunks (not implemented yet)")
     g.add_argument("--ds-sequence-parallel-fpdt-chunk-size", type=int, default=65536,
@@ -171,29 +202,39 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
                    action="store_true", help="keep saved activations in host memory (GPU only)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="*", default=[])
-    g.add_argument("--split", default="969, 30, 1")
+    g.add_argument("--data-path", nargs="*", default=[],
+                   help="a preprocessed prefix (.bin/.idx), or 'W1 P1 W2 P2 ...' to blend")
+    g.add_argument("--split", default="969, 30, 1",
+                   help="train, validation, test proportions of the documents")
     g.add_argument("--tokenizer-type", help="default GPT2BPETokenizer (upstream's default); HFTokenizer is "
                    "upstream's name for HuggingFaceTokenizer")
-    g.add_argument("--vocab-file")
-    g.add_argument("--merge-file")
-    g.add_argument("--tokenizer-model")
-    g.add_argument("--vocab-size", type=int)
-    g.add_argument("--vocab-extra-ids", type=int, default=0)
-    g.add_argument("--reset-position-ids", action="store_true")
-    g.add_argument("--reset-attention-mask", action="store_true")
-    g.add_argument("--eod-mask-loss", action="store_true")
-    g.add_argument("--data-cache-path")
-    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json")
+    g.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt")
+    g.add_argument("--tokenizer-model",
+                   help="SentencePiece model, or a local tokenizer.json / its directory (HuggingFaceTokenizer)")
+    g.add_argument("--vocab-size", type=int, help="vocabulary size of the NullTokenizer (synthetic data)")
+    g.add_argument("--vocab-extra-ids", type=int, default=0,
+                   help="extra sentinel tokens added to SentencePieceTokenizer")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="position ids restart after each end-of-document token")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="attention does not cross end-of-document tokens")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens")
+    g.add_argument("--data-cache-path", help="directory for the index files built from --data-path")
+    g.add_argument("--mock-data", action="store_true", help="synthetic tokens instead of --data-path")
 
     g = p.add_argument_group("logging and evaluation")
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=100)
-    g.add_argument("--tensorboard-dir")
-    g.add_argument("--tensorboard-log-interval", type=int, default=1)
-    g.add_argument("--log-timers-to-tensorboard", action="store_true")
-    g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2])
+    g.add_argument("--log-interval", type=int, default=100,
+                   help="print an averaged iteration line every this many steps")
+    g.add_argument("--eval-interval", type=int, default=1000,
+                   help="evaluate on the validation split every this many steps")
+    g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation")
+    g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1,
+                   help="TensorBoard (and W&B) scalars every this many steps")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true", help="also log the timers")
+    g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
+                   help="0: iteration time; 1: plus per-phase timers; 2: finer timers")
     g.add_argument("--log-json", help="append one JSON object per logged event to this file")
     g.add_argument("--wandb-project", default="", help="log to this Weights & Biases project (needs the wandb "
                    "package; WANDB_MODE=offline works without a network)")
@@ -201,13 +242,13 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--wandb-save-dir", default="", help="local W&B directory (default: --save/wandb)")
 
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--save")
-    g.add_argument("--load")
-    g.add_argument("--save-interval", type=int)
-    g.add_argument("--no-save-optim", action="store_true")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-save-rng", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--save", help="checkpoint directory")
+    g.add_argument("--load", help="resume from this checkpoint directory (usually the same as --save)")
+    g.add_argument("--save-interval", type=int, help="save a checkpoint every this many steps")
+    g.add_argument("--no-save-optim", action="store_true", help="checkpoints without optimizer state")
+    g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer state")
+    g.add_argument("--no-save-rng", action="store_true", help="checkpoints without RNG state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load RNG state")
     g.add_argument("--finetune", action="store_true",
                    help="load only the model weights from --load; iteration, optimizer, scaler and RNG start fresh")
     g.add_argument("--keep-last-checkpoints", type=int, metavar="K",

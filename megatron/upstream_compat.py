@@ -297,8 +297,8 @@ FLAGS: list[CompatFlag] = [
     *_switches(REJECTED, "random layer-token drop (random-LTD) is not implemented; drop the flag", "--random-ltd"),
     *_switches(REJECTED, "DeepSpeed curriculum learning is not implemented; drop the flag",
                "--data-efficiency-curriculum-learning"),
-    CompatFlag(("--dataloader-type",), REJECTED, "only upstream's 'single' order (one pass in index order, resumable) "
-               "is implemented; drop the flag or pass 'single'", nargs=None, same_here=("single",)),
+    CompatFlag(("--dataloader-type",), REJECTED, "only upstream's default 'single' sampler (consecutive samples of the "
+               "dataset's shuffled order, resumable) is implemented; drop the flag or pass 'single'", nargs=None, same_here=("single",)),
     *_values(REJECTED, "separate train/valid/test datasets are not implemented; pass one --data-path and --split",
              "--train-data-path", "--valid-data-path", "--test-data-path", nargs="*"),
     *_values(REJECTED, "index files are built and cached from --data-path (see --data-cache-path); precomputed "
