@@ -128,3 +128,25 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
         data = f.read()
     for needle in (b"exp0", b"pretrain-llama2", b"lm loss", b"lm loss vs samples", b"hidden_size"):
         assert needle in data, needle
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_pretrain_gpt_logs_to_wandb_offline(tmp_path, monkeypatch):
+    """The flags reach the training loop: a 2-iteration run writes its losses and flags to an offline W&B run."""
+    import pretrain_gpt
+
+    for var, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_DIR", str(tmp_path)),
+                       ("WANDB_CACHE_DIR", str(tmp_path / "cache")), ("WANDB_CONFIG_DIR", str(tmp_path / "config"))):
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --lr 1e-3 --train-iters 2 "
+            "--mock-data --vocab-size 100 --log-interval 1 --eval-iters 0 --wandb-project pretrain-llama2 "
+            f"--wandb-exp-name exp0 --wandb-save-dir {tmp_path / 'wb'}").split()
+    assert pretrain_gpt.main(argv) == 0
+    runs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1
+    with open(runs[0], "rb") as f:
+        data = f.read()
+    for needle in (b"exp0", b"lm loss", b"learning-rate", b"hidden_size", b"train_iters"):
+        assert needle in data, needle
