@@ -295,12 +295,14 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
 def _unknown_message(parser: argparse.ArgumentParser, unknown: list) -> str:
     """Name each unknown argument and the closest flag that exists (argparse would only print usage)."""
     known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-    parts = []
+    parts, after_unknown_flag = [], False
     for arg in unknown:
         flag = arg.split("=", 1)[0]
-        if not flag.startswith("-"):
-            parts.append(f"unexpected value {arg!r} (the flag before it takes no value, or a flag is missing)")
+        if not flag.startswith("-") or flag[1:2].isdigit():
+            if not after_unknown_flag:  # otherwise: the unknown flag's own value
+                parts.append(f"unexpected value {arg!r} (the flag before it takes no value, or a flag is missing)")
             continue
+        after_unknown_flag = True
         close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
         parts.append(f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else ""))
     return ("; ".join(parts) + ". docs/flags.md lists every flag (all of Megatron-DeepSpeed's are accepted: "

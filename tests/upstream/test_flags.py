@@ -184,7 +184,8 @@ def test_not_yet_implemented_flags_parse_with_upstream_types_and_defaults(flag):
 
 def test_unknown_flags_suggest_the_closest_one():
     msg = error(["--num-layer", "2"])
-    assert "unknown flag --num-layer; did you mean --num-layers?" in msg
+    assert "unknown flag --num-layer; did you mean --num-layers?" in msg and "unexpected value" not in msg
+    assert "unexpected value 'x'" in error(["--fp16", "x"])
     assert "docs/flags.md" in error(["--no-such-flag-at-all"])
     assert "did you mean --use-flash-attn-v2" in error(["--use-flash-atn-v2"])
 
