@@ -12,7 +12,6 @@ explicit flag is an error rather than a silent override.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib.util
 import math
 import os
@@ -34,10 +33,6 @@ from megatron.config import (
 )
 from megatron.deepspeed_json import apply_deepspeed_config
 
-# Flags parsed with upstream's type and default so that scripts run; features other parts of the code will
-# implement. A non-default value is refused until then (rather than silently training something else).
-_NOT_YET_DEFAULTS = {"rotary_percent": 1.0, "checkpoint_num_layers": 1, "ds_sequence_parallel_fpdt": False,
-                     "ds_sequence_parallel_fpdt_chunk_size": 65536, "ds_sequence_parallel_fpdt_offloading": False}
 # Megatron-DeepSpeed's tokenizer names -> this framework's.
 _TOKENIZER_ALIASES = {"HFTokenizer": "HuggingFaceTokenizer"}
 _BERT_TOKENIZERS = ("BertWordPieceLowerCase", "BertWordPieceCase")
@@ -287,32 +282,15 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
     parser = build_parser(extra_args_provider)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        raise ConfigError(_unknown_message(parser, unknown))
+        raise ConfigError(upstream_compat.unknown_flags_message(parser, unknown))
     return config_from_args(args, world_size if world_size is not None else world_size_from_env(),
                             check_environment=check_environment, padded_vocab_size=padded_vocab_size)
-
-
-def _unknown_message(parser: argparse.ArgumentParser, unknown: list) -> str:
-    """Name each unknown argument and the closest flag that exists (argparse would only print usage)."""
-    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-    parts, after_unknown_flag = [], False
-    for arg in unknown:
-        flag = arg.split("=", 1)[0]
-        if not flag.startswith("-") or flag[1:2].isdigit():
-            if not after_unknown_flag:  # otherwise: the unknown flag's own value
-                parts.append(f"unexpected value {arg!r} (the flag before it takes no value, or a flag is missing)")
-            continue
-        after_unknown_flag = True
-        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
-        parts.append(f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else ""))
-    return ("; ".join(parts) + ". docs/flags.md lists every flag (all of Megatron-DeepSpeed's are accepted: "
-            "implemented, ignored with a note, or refused with the alternative)")
 
 
 def config_from_args(args: argparse.Namespace, world_size: int, check_environment: bool = True,
                      padded_vocab_size: int | None = None) -> RunConfig:
     notes = upstream_compat.review(args)
-    notes += _upstream_aliases(args)
+    notes += upstream_compat.resolve_upstream_names(args)
     if args.deepspeed:
         notes.append(f"--deepspeed: accepted ({upstream_compat.DEEPSPEED_NOTE})")
     if args.deepspeed_config:
@@ -340,38 +318,6 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
                     timing_log_level=args.timing_log_level, **_wandb_settings(args, check_environment))
     return RunConfig(model=model, parallel=parallel, data=data, optim=optim, train=train,
                      checkpoint=ckpt, log=log, world_size=world_size, notes=tuple(notes))
-
-
-def _upstream_aliases(a: argparse.Namespace) -> list:
-    """Resolve Megatron-DeepSpeed's names and switches that map onto implemented flags; notes for the user."""
-    notes = []
-    for alias, flag in (("encoder_num_layers", "num_layers"), ("encoder_seq_length", "seq_length")):
-        value, given = getattr(a, alias), getattr(a, flag)
-        if value is not None and given is not None and value != given:
-            raise ConfigError(f"--{alias.replace('_', '-')} ({value}) and --{flag.replace('_', '-')} ({given}) "
-                              f"name the same thing and disagree; pass one of them")
-        if given is None:
-            setattr(a, flag, value)
-    for dest, default in _NOT_YET_DEFAULTS.items():
-        if getattr(a, dest) != default:
-            flag = "--" + dest.replace("_", "-")
-            shown = flag if isinstance(default, bool) else f"{flag} {getattr(a, dest)}"
-            raise ConfigError(f"{shown}: not implemented yet ({upstream_compat.PARTIAL[flag][1]}); drop the flag "
-                              f"to train without it")
-    if a.use_flash_attn_v1:
-        notes.append(f"--use-flash-attn-v1 / --use-flash-attn: accepted ({upstream_compat.FLASH_V1_NOTE})")
-    if a.use_flash_attn_builder:
-        notes.append(f"--use-flash-attn-builder: accepted ({upstream_compat.FLASH_BUILDER_NOTE})")
-    if a.sequence_parallel and a.tensor_model_parallel_size == 1:
-        notes.append(f"--sequence-parallel: accepted, no effect ({upstream_compat.SEQUENCE_PARALLEL_NOTE})")
-        a.sequence_parallel = False
-    if a.optimizer == "sgd":
-        raise ConfigError("--optimizer sgd is not implemented; use --optimizer adam (AdamW, as upstream's adam)")
-    if a.distributed_backend in ("ccl", "hccl"):
-        raise ConfigError(f"--distributed-backend {a.distributed_backend} (Intel/Habana accelerators) is not "
-                          f"supported; use nccl on NVIDIA GPUs or gloo on CPU, or drop the flag (chosen from the "
-                          f"machine)")
-    return notes
 
 
 # ----------------------------------------------------------------------------- validation

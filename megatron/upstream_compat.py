@@ -10,7 +10,9 @@ The promise to users is that an upstream GPT launch script runs unchanged: every
 - REJECTED: accepted by the parser, then refused with an error that names the flag and the alternative,
   unless its value means what happens here anyway (upstream's default, or a value listed in `same_here`).
 
-So argparse's bare "unrecognized arguments" is never the answer to an upstream flag. The rule for
+It also resolves upstream's names for implemented flags (`resolve_upstream_names`) and words the error for a
+flag nobody knows (`unknown_flags_message`, with the closest known flag), so argparse's bare "unrecognized
+arguments" is never the answer to an upstream flag. The rule for
 choosing: a flag whose upstream effect this framework reproduces, or which has no effect on the trained
 model, is NO_EFFECT; a flag that would change the model, the optimizer or the data in a way that is not
 implemented is REJECTED, because silently training something else would break the promise.
@@ -19,6 +21,7 @@ implemented is REJECTED, because silently training something else would break th
 from __future__ import annotations
 
 import argparse
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -388,3 +391,60 @@ def review(args: argparse.Namespace) -> list:
             "these Megatron-DeepSpeed flags are not supported"
         raise ConfigError(f"{head}:\n  " + "\n  ".join(refused))
     return notes
+
+
+# ------------------------------------------------------------------ upstream names of implemented flags
+
+# Flags parsed with upstream's type and default so that scripts run; features other parts of the code will
+# implement. A non-default value is refused until then (rather than silently training something else).
+NOT_YET_DEFAULTS = {"rotary_percent": 1.0, "checkpoint_num_layers": 1, "ds_sequence_parallel_fpdt": False,
+                    "ds_sequence_parallel_fpdt_chunk_size": 65536, "ds_sequence_parallel_fpdt_offloading": False}
+
+
+def resolve_upstream_names(a: argparse.Namespace) -> list:
+    """Resolve Megatron-DeepSpeed's names and switches that map onto implemented flags; notes for the user."""
+    notes = []
+    for alias, flag in (("encoder_num_layers", "num_layers"), ("encoder_seq_length", "seq_length")):
+        value, given = getattr(a, alias), getattr(a, flag)
+        if value is not None and given is not None and value != given:
+            raise ConfigError(f"--{alias.replace('_', '-')} ({value}) and --{flag.replace('_', '-')} ({given}) "
+                              f"name the same thing and disagree; pass one of them")
+        if given is None:
+            setattr(a, flag, value)
+    for dest, default in NOT_YET_DEFAULTS.items():
+        if getattr(a, dest) != default:
+            flag = "--" + dest.replace("_", "-")
+            shown = flag if isinstance(default, bool) else f"{flag} {getattr(a, dest)}"
+            raise ConfigError(f"{shown}: not implemented yet ({PARTIAL[flag][1]}); drop the flag "
+                              f"to train without it")
+    if a.use_flash_attn_v1:
+        notes.append(f"--use-flash-attn-v1 / --use-flash-attn: accepted ({FLASH_V1_NOTE})")
+    if a.use_flash_attn_builder:
+        notes.append(f"--use-flash-attn-builder: accepted ({FLASH_BUILDER_NOTE})")
+    if a.sequence_parallel and a.tensor_model_parallel_size == 1:
+        notes.append(f"--sequence-parallel: accepted, no effect ({SEQUENCE_PARALLEL_NOTE})")
+        a.sequence_parallel = False
+    if a.optimizer == "sgd":
+        raise ConfigError("--optimizer sgd is not implemented; use --optimizer adam (AdamW, as upstream's adam)")
+    if a.distributed_backend in ("ccl", "hccl"):
+        raise ConfigError(f"--distributed-backend {a.distributed_backend} (Intel/Habana accelerators) is not "
+                          f"supported; use nccl on NVIDIA GPUs or gloo on CPU, or drop the flag (chosen from the "
+                          f"machine)")
+    return notes
+
+
+def unknown_flags_message(parser: argparse.ArgumentParser, unknown: list) -> str:
+    """Name each unknown argument and the closest flag that exists (argparse would only print usage)."""
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    parts, after_unknown_flag = [], False
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("-") or flag[1:2].isdigit():
+            if not after_unknown_flag:  # otherwise: the unknown flag's own value
+                parts.append(f"unexpected value {arg!r} (the flag before it takes no value, or a flag is missing)")
+            continue
+        after_unknown_flag = True
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        parts.append(f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else ""))
+    return ("; ".join(parts) + ". docs/flags.md lists every flag (all of Megatron-DeepSpeed's are accepted: "
+            "implemented, ignored with a note, or refused with the alternative)")

@@ -108,6 +108,14 @@ def test_disabled_ranks_do_not_start_a_run(recorder):
     assert recorder.calls == []
 
 
+def _flush_wandb() -> None:
+    """finish() hands the records to wandb's background service, which writes the run file on its own time
+    (at process exit in a real run); shutting the service down makes the file complete before it is read."""
+    import wandb
+
+    wandb.teardown()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
 def test_real_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -122,6 +130,7 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     for it in (1, 2):
         logger.iteration(it, _stats(it))
     logger.close()
+    _flush_wandb()
     runs = glob.glob(str(save_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1, os.listdir(save_dir)
     with open(runs[0], "rb") as f:
@@ -144,6 +153,7 @@ def test_pretrain_gpt_logs_to_wandb_offline(tmp_path, monkeypatch):
             "--mock-data --vocab-size 100 --log-interval 1 --eval-iters 0 --wandb-project pretrain-llama2 "
             f"--wandb-exp-name exp0 --wandb-save-dir {tmp_path / 'wb'}").split()
     assert pretrain_gpt.main(argv) == 0
+    _flush_wandb()
     runs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1
     with open(runs[0], "rb") as f:
