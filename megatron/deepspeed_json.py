@@ -75,8 +75,13 @@ def apply_deepspeed_config(args: argparse.Namespace, path: str, world_size: int)
                     f"fix gradient_accumulation_steps or drop it (it is derived from the batch sizes)")
     used = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
             "zero_optimization", "fp16", "bf16", "gradient_clipping"}
+    known = {"zero_optimization": {"stage"}, "bf16": {"enabled"},
+             "fp16": {"enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+                      "min_loss_scale"}}
+    ignored = [k for k in ds if k not in used] + \
+        [f"{section}.{k}" for section, keys in known.items() for k in (ds.get(section) or {}) if k not in keys]
     return notes + [f"--deepspeed_config {path}: key '{k}' ignored (no meaning without the DeepSpeed engine)"
-                    for k in ds if k not in used]
+                    for k in ignored]
 
 
 def _given(value) -> bool:

@@ -98,6 +98,15 @@ def test_zero_stage_and_precision_still_agree_under_deepspeed(ds):
     assert c.parallel.zero_stage == 1 and c.optim.bf16
 
 
+def test_unused_json_keys_are_listed(ds):
+    path = ds({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}, "steps_per_print": 10,
+               "fp16": {"enabled": True, "consecutive_hysteresis": True}})
+    notes = "\n".join(cfg(f"--deepspeed --deepspeed_config {path}").notes)
+    for key in ("'zero_optimization.offload_param' ignored", "'steps_per_print' ignored",
+                "'fp16.consecutive_hysteresis' ignored"):
+        assert key in notes, key
+
+
 def _error(extra) -> str:
     with pytest.raises(ConfigError) as e:
         cfg(extra)
