@@ -131,8 +131,8 @@ def _as_deepspeed_does(args: argparse.Namespace, ds: dict, path: str, world_size
 
     fp16 = ds.get("fp16", {}) or {}
     if fp16.get("enabled"):
-        stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-        scaling = deepspeed_loss_scaling(fp16, int(stage) if _given(stage) else int(args.zero_stage or 0))
+        stage = (ds.get("zero_optimization") or {}).get("stage", 0)  # the engine's stage: the JSON's, default 0
+        scaling = deepspeed_loss_scaling(fp16, int(stage) if _given(stage) else 0)
         ignored = [f"{flag} {getattr(args, dest)}" for flag, dest in _LOSS_SCALE_FLAGS
                    if getattr(args, dest) is not None and getattr(args, dest) != scaling[dest]]
         if ignored:
@@ -141,6 +141,10 @@ def _as_deepspeed_does(args: argparse.Namespace, ds: dict, path: str, world_size
         for _, dest in _LOSS_SCALE_FLAGS:
             setattr(args, dest, scaling[dest])
         notes.append(f"{src}: fp16 {_describe_scaling(scaling)}, as DeepSpeed's engine does with this fp16 section")
+    elif args.fp16 and "enabled" not in fp16:
+        notes.append(f"--fp16 with no fp16 section in {src}: upstream's DeepSpeed engine would scale no losses; "
+                     f"here fp16 runs with the dynamic loss scaler of the Megatron flags (add an fp16 section to "
+                     f"the JSON to choose DeepSpeed's)")
     return notes
 
 

@@ -60,6 +60,16 @@ def test_megatron_loss_scale_flags_are_ignored_under_deepspeed(ds):
 def test_fp16_json_without_initial_scale_power_starts_at_2_16(ds):
     path = ds({"fp16": {"enabled": True, "loss_scale": 0, "hysteresis": 2}, "zero_optimization": {"stage": 1}})
     assert cfg(f"--deepspeed --deepspeed_config {path}").optim.initial_loss_scale == 2.0 ** 16
+    # no zero_optimization section: DeepSpeed's engine runs stage 0 (its fp16 optimizer), whatever --zero-stage says
+    bare = ds({"fp16": {"enabled": True}})
+    o = cfg(f"--deepspeed --deepspeed_config {bare} --zero-stage 1").optim
+    assert (o.initial_loss_scale, o.hysteresis) == (2.0 ** 16, 1)
+
+
+def test_fp16_flag_without_fp16_section_is_noted(ds):
+    path = ds({"train_batch_size": 1})
+    c = cfg(f"--deepspeed --deepspeed_config {path} --fp16")
+    assert c.optim.fp16 and any("would scale no losses" in n for n in c.notes)
 
 
 def test_clipping_follows_the_json(ds):
