@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
 
+from megatron import upstream_compat
 from megatron.config import (
     ATTENTION_BACKENDS,
     LR_DECAY_STYLES,
@@ -33,42 +33,12 @@ from megatron.config import (
 )
 from megatron.core.topology import Topology
 from megatron.data.tokenizers import build_tokenizer  # build_tokenizer(data_config) -> tokenizer
+from megatron.deepspeed_json import apply_deepspeed_config
 from megatron.parallel.parallelize import validate_strategy
 
-# Flags that DeepSpeed's engine or pipeline code consume; here they have no effect.
-_NO_EFFECT_SWITCHES = {
-    "--deepspeed": "the DeepSpeed engine is replaced by torch-native DDP/ZeRO/FSDP2 (--zero-stage)",
-    "--no-pipeline-parallel": "pipeline parallelism is not implemented; every run is non-pipelined",
-    "--deepspeed-activation-checkpointing": "activation checkpointing is done by torch.utils.checkpoint "
-                                            "(--checkpoint-activations / --recompute-granularity)",
-    "--partition-activations": "DeepSpeed activation partitioning is not implemented",
-    "--contigious-checkpointing": "DeepSpeed contiguous checkpointing is not implemented",
-    "--synchronize-each-layer": "DeepSpeed checkpointing synchronisation is not needed",
-    "--profile-backward": "DeepSpeed backward profiling is not implemented",
-    "--no-async-tensor-model-parallel-allreduce": "there is no tensor parallelism",
-    "--no-gradient-accumulation-fusion": "gradient accumulation fusion is a Megatron CUDA kernel",
-    "--no-masked-softmax-fusion": "softmax runs inside the attention backend",
-    "--no-bias-gelu-fusion": "no fused bias-GeLU kernel is used",
-    "--no-bias-dropout-fusion": "no fused bias-dropout kernel is used",
-    "--no-query-key-layer-scaling": "query-key layer scaling is never applied (softmax runs in fp32)",
-    "--apply-query-key-layer-scaling": "query-key layer scaling is never applied (softmax runs in fp32)",
-    "--override-opt_param-scheduler": "the schedule always comes from the flags",
-    "--use-checkpoint-opt_param-scheduler": "the schedule always comes from the flags",
-    "--accumulate-allreduce-grads-in-fp32": "gradients are always reduced in fp32",
-    "--log-batch-size-to-tensorboard": "the global batch size is always logged",
-    "--log-validation-ppl-to-tensorboard": "validation perplexity is always logged",
-    "--log-optimizer-states-to-tensorboard": "optimizer states are not logged",
-    "--use-mcore-models": "there is one model implementation",
-}
-_NO_EFFECT_VALUES = {
-    "--data-impl": "only the mmap .bin/.idx format exists",
-    "--tensorboard-queue-size": "the TensorBoard writer uses its default queue",
-    "--local_rank": "ranks come from torchrun's environment (RANK, LOCAL_RANK)",
-    "--local-rank": "ranks come from torchrun's environment (RANK, LOCAL_RANK)",
-    "--recompute-method": "recompute applies to every layer (full) or to core attention (selective)",
-    "--recompute-num-layers": "recompute applies to every layer (full) or to core attention (selective)",
-    "--num-workers": "batches are assembled in the training process",
-}
+# Megatron-DeepSpeed's tokenizer names -> this framework's.
+_TOKENIZER_ALIASES = {"HFTokenizer": "HuggingFaceTokenizer"}
+_BERT_TOKENIZERS = ("BertWordPieceLowerCase", "BertWordPieceCase")
 
 _POSITION_ALIASES = {"learned_absolute": "learned_absolute", "absolute": "learned_absolute",
                      "rope": "rope", "rotary": "rope", "none": "none"}
@@ -80,93 +50,149 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     p = argparse.ArgumentParser(description="GPT pretraining with DeepSpeed-Ulysses sequence parallelism",
                                 allow_abbrev=False)
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--ffn-hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--kv-channels", type=int)
+    g.add_argument("--num-layers", type=int, help="transformer layers (required)")
+    g.add_argument("--encoder-num-layers", type=int, help="upstream's alias of --num-layers (used when it is absent)")
+    g.add_argument("--hidden-size", type=int, help="model width (required)")
+    g.add_argument("--ffn-hidden-size", type=int,
+                   help="MLP width (default 4 x hidden; with --swiglu 2/3 of that, rounded down to a multiple of 64)")
+    g.add_argument("--num-attention-heads", type=int, help="query heads (required; >= the Ulysses degree)")
+    g.add_argument("--kv-channels", type=int, help="head dimension (default hidden / heads)")
     g.add_argument("--num-key-value-heads", type=int, help="Megatron-DeepSpeed's name for K/V heads")
-    g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int)
-    g.add_argument("--seq-length", type=int)
-    g.add_argument("--max-position-embeddings", type=int)
-    g.add_argument("--position-embedding-type", default="learned_absolute", choices=sorted(_POSITION_ALIASES))
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="grouped-query attention (with --num-query-groups; 1 group if that is absent)")
+    g.add_argument("--num-query-groups", type=int,
+                   help="K/V heads for grouped-query attention (Megatron-LM's name)")
+    g.add_argument("--seq-length", type=int,
+                   help="tokens per sample (required; divisible by --ds-sequence-parallel-size)")
+    g.add_argument("--encoder-seq-length", type=int, help="upstream's alias of --seq-length (used when it is absent)")
+    g.add_argument("--max-position-embeddings", type=int,
+                   help="learned position table size (default --seq-length)")
+    g.add_argument("--position-embedding-type", default="learned_absolute", choices=sorted(_POSITION_ALIASES),
+                   help="learned_absolute (GPT-3), rope (Llama) or none")
     g.add_argument("--use-rotary-position-embeddings", action="store_true", help="= --position-embedding-type rope")
-    g.add_argument("--rotary-base", type=float, default=10000.0)
-    g.add_argument("--rope-theta", type=float, dest="rotary_base", help="alias of --rotary-base")
+    g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (theta)")
+    g.add_argument("--rope-theta", "--rotary-position-embeddings-theta", type=float, dest="rotary_base",
+                   help="aliases of --rotary-base (--rotary-position-embeddings-theta is Megatron-DeepSpeed's name)")
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="fraction of each head's dimensions that RoPE rotates (only 1.0 is implemented yet)")
+    g.add_argument("--no-position-embedding", action="store_false", dest="add_position_embedding",
+                   help="no learned absolute position embedding (= --position-embedding-type none unless RoPE)")
     g.add_argument("--normalization", default="LayerNorm", type=lambda s: _NORM_ALIASES.get(s.lower(), s),
-                   choices=["LayerNorm", "RMSNorm"])
-    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float, default=1e-5)
-    g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--disable-bias-linear", action="store_true")
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--hidden-dropout", type=float, default=0.1)
-    g.add_argument("--attention-dropout", type=float, default=0.1)
-    g.add_argument("--attention-softmax-in-fp32", action="store_true", default=True)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+                   choices=["LayerNorm", "RMSNorm"], help="LayerNorm or RMSNorm (case-insensitive)")
+    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float, default=1e-5,
+                   help="epsilon of LayerNorm/RMSNorm (--layernorm-epsilon is upstream's name)")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GeLU (Llama)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="a separate output projection instead of the input embedding")
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="no biases in the linear layers (Llama)")
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="standard deviation of the normal weight initialization")
+    g.add_argument("--hidden-dropout", type=float, default=0.1, help="dropout after attention and MLP")
+    g.add_argument("--attention-dropout", type=float, default=0.1, help="dropout of attention probabilities")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true", default=True,
+                   help="always on here: softmax runs in fp32")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this")
 
     g = p.add_argument_group("batch and schedule")
-    g.add_argument("--micro-batch-size", type=int)
-    g.add_argument("--global-batch-size", type=int)
-    g.add_argument("--rampup-batch-size", nargs="*")
-    g.add_argument("--train-iters", type=int)
-    g.add_argument("--train-samples", type=int)
-    g.add_argument("--train-tokens", type=int)
-    g.add_argument("--exit-interval", type=int)
+    g.add_argument("--micro-batch-size", type=int,
+                   help="samples per rank per forward pass (default 1, or the DeepSpeed JSON's)")
+    g.add_argument("--global-batch-size", type=int,
+                   help="samples per optimizer step (default micro batch x data-parallel size)")
+    g.add_argument("--rampup-batch-size", nargs="*", help="batch-size ramp-up (refused: not implemented)")
+    g.add_argument("--train-iters", type=int, help="optimizer steps to train")
+    g.add_argument("--train-samples", type=int, help="samples to train (steps = samples / global batch)")
+    g.add_argument("--train-tokens", type=int,
+                   help="tokens to train; with --train-iters/--train-samples, the first limit reached stops the run")
+    g.add_argument("--exit-interval", type=int,
+                   help="save (with --save) and exit 0 at an iteration divisible by this")
     g.add_argument("--exit-duration-in-mins", type=float,
                    help="after this many minutes of training, save a checkpoint to --save and exit 0")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, finish the current iteration, save a checkpoint to --save and exit 0")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
-    g.add_argument("--lr", type=float)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES)
-    g.add_argument("--lr-decay-iters", type=int)
-    g.add_argument("--lr-decay-samples", type=int)
-    g.add_argument("--lr-decay-tokens", type=int)
-    g.add_argument("--lr-warmup-iters", type=int)
-    g.add_argument("--lr-warmup-fraction", type=float)
-    g.add_argument("--lr-warmup-samples", type=int)
-    g.add_argument("--lr-warmup-tokens", type=int)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"],
+                   help="adam and adamw are both AdamW (decoupled weight decay, as upstream's adam); sgd is refused")
+    g.add_argument("--lr", type=float, help="peak learning rate (required)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
+    g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES,
+                   help="learning-rate decay after warmup")
+    g.add_argument("--lr-decay-iters", type=int, help="decay length in steps (default: the whole run)")
+    g.add_argument("--lr-decay-samples", type=int, help="decay length in samples")
+    g.add_argument("--lr-decay-tokens", type=int, help="decay length in tokens")
+    g.add_argument("--lr-warmup-iters", type=int, help="linear warmup length in steps (default 0)")
+    g.add_argument("--lr-warmup-fraction", type=float, help="warmup length as a fraction of the decay length")
+    g.add_argument("--lr-warmup-samples", type=int, help="warmup length in samples")
+    g.add_argument("--lr-warmup-tokens", type=int, help="warmup length in tokens")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--clip-grad", type=float,
+                   help="clip the global gradient norm to this (default 1.0; 0: no clipping)")
+    g.add_argument("--seed", type=int, default=1234, help="random seed (weights, dropout, data order)")
 
     g = p.add_argument_group("precision")
-    g.add_argument("--fp16", action="store_true", default=None)
-    g.add_argument("--bf16", action="store_true", default=None)
-    g.add_argument("--loss-scale", type=float)
-    g.add_argument("--initial-loss-scale", type=float)
-    g.add_argument("--min-loss-scale", type=float)
-    g.add_argument("--loss-scale-window", type=int)
-    g.add_argument("--hysteresis", type=int)
+    g.add_argument("--fp16", action="store_true", default=None,
+                   help="fp16 mixed precision with a loss scaler")
+    g.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    g.add_argument("--loss-scale", type=float, help="static fp16 loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, help="first dynamic fp16 loss scale (default 2^32)")
+    g.add_argument("--min-loss-scale", type=float, help="lowest dynamic fp16 loss scale (default 1)")
+    g.add_argument("--loss-scale-window", type=_int_like,
+                   help="overflow-free steps before the dynamic scale doubles (default 1000)")
+    g.add_argument("--hysteresis", type=int,
+                   help="overflows tolerated before the dynamic scale halves (default 2)")
 
     g = p.add_argument_group("parallelism and memory")
-    g.add_argument("--ds-sequence-parallel-size", type=int, default=1)
+    g.add_argument("--ds-sequence-parallel-size", type=int, default=1,
+                   help="Ulysses sequence-parallel degree: ranks that share each sample's tokens")
     g.add_argument("--ring-attention-size", type=int, default=1,
                    help="ring degree R inside the SP group: Ulysses over SP/R ranks x ring attention over R "
                         "(lifts the heads >= SP cap; R = SP is pure ring attention)")
     g.add_argument("--ulysses-overlap-chunks", type=int, default=1,
                    help="pipeline Ulysses over this many head chunks so all-to-alls overlap attention")
-    g.add_argument("--zero-stage", type=int)
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--zero-stage", type=int,
+                   help="0: DDP; 1: sharded optimizer state; 2: and gradients (FSDP2); 3: and parameters (FSDP2)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="must be 1 (tensor parallelism is not implemented)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="must be 1 (pipeline parallelism is not implemented)")
     g.add_argument("--sequence-parallel", action="store_true",
-                   help="Megatron's tensor-parallel sequence parallelism (unsupported; Ulysses is "
-                        "--ds-sequence-parallel-size)")
-    g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
-    g.add_argument("--checkpoint-activations", action="store_true")
+                   help="Megatron's tensor-parallel sequence parallelism: a note at tensor parallel 1, where "
+                        "upstream turns it off too (Ulysses is --ds-sequence-parallel-size)")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo", "ccl", "hccl"],
+                   help="nccl (GPUs) or gloo (CPU); upstream's ccl/hccl (Intel, Habana) are refused")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="timeout of collective operations")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute every layer in the backward pass (= --recompute-granularity full)")
+    g.add_argument("--checkpoint-num-layers", type=int, default=1,
+                   help="layers per recomputed chunk with --checkpoint-activations (only 1 is implemented yet)")
     g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"])
-    g.add_argument("--use-flash-attn", "--use-flash-attn-v2", dest="use_flash_attn", action="store_true")
-    g.add_argument("--use-flash-attn-triton", action="store_true")
-    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS)
-    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"],
+                   help="full: recompute whole layers; selective: recompute core attention only")
+    g.add_argument("--use-flash-attn-v2", dest="use_flash_attn", action="store_true",
+                   help="= --attention-backend flash-attn")
+    g.add_argument("--use-flash-attn", "--use-flash-attn-v1", dest="use_flash_attn_v1", action="store_true",
+                   help="upstream's FlashAttention v1 flag: selects the flash-attn backend (with a note)")
+    g.add_argument("--use-flash-attn-builder", action="store_true",
+                   help="upstream's DeepSpeed FlashAttention op: selects the flash-attn backend (with a note)")
+    g.add_argument("--use-flash-attn-triton", action="store_true",
+                   help="= --attention-backend triton (this framework's Triton FlashAttention kernel)")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
+                   help="core attention kernel (default sdpa: torch scaled_dot_product_attention)")
+    g.add_argument("--deepspeed", "--deepscale", dest="deepspeed", action="store_true",
+                   help="read --deepspeed_config as DeepSpeed does (loss scaling and clipping from the JSON, batch "
+                        "sizes from the Megatron flags); no DeepSpeed engine is used")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", "--deepscale_config", dest="deepspeed_config",
+                   help="a DeepSpeed JSON config (see 'DeepSpeed JSON' in docs/flags.md)")
+    g.add_argument("--ds-sequence-parallel-fpdt", action="store_true",
+                   help="FPDT: Ulysses attention over sequence chunks (not implemented yet)")
+    g.add_argument("--ds-sequence-parallel-fpdt-chunk-size", type=int, default=65536,
+                   help="FPDT chunk length in tokens (not implemented yet)")
+    g.add_argument("--ds-sequence-parallel-fpdt-offloading", action="store_true",
+                   help="FPDT: keep chunks in host memory (not implemented yet)")
     g.add_argument("--tiled-loss-tokens", type=int, default=0,
                    help="compute logits + cross-entropy in tiles of this many tokens (0: off)")
     g.add_argument("--tiled-mlp-tiles", type=int, default=1, help="run each MLP over this many sequence tiles")
@@ -174,48 +200,61 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
                    action="store_true", help="keep saved activations in host memory (GPU only)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="*", default=[])
-    g.add_argument("--split", default="969, 30, 1")
-    g.add_argument("--tokenizer-type")
-    g.add_argument("--vocab-file")
-    g.add_argument("--merge-file")
-    g.add_argument("--tokenizer-model")
-    g.add_argument("--vocab-size", type=int)
-    g.add_argument("--vocab-extra-ids", type=int, default=0)
-    g.add_argument("--reset-position-ids", action="store_true")
-    g.add_argument("--reset-attention-mask", action="store_true")
-    g.add_argument("--eod-mask-loss", action="store_true")
-    g.add_argument("--data-cache-path")
-    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--data-path", nargs="*", default=[],
+                   help="a preprocessed prefix (.bin/.idx), or 'W1 P1 W2 P2 ...' to blend")
+    g.add_argument("--split", default="969, 30, 1",
+                   help="train, validation, test proportions of the documents")
+    g.add_argument("--tokenizer-type", help="default GPT2BPETokenizer (upstream's default); HFTokenizer is "
+                   "upstream's name for HuggingFaceTokenizer")
+    g.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json")
+    g.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt")
+    g.add_argument("--tokenizer-model",
+                   help="SentencePiece model, or a local tokenizer.json / its directory (HuggingFaceTokenizer)")
+    g.add_argument("--vocab-size", type=int, help="vocabulary size of the NullTokenizer (synthetic data)")
+    g.add_argument("--vocab-extra-ids", type=int, default=0,
+                   help="extra sentinel tokens added to SentencePieceTokenizer")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="position ids restart after each end-of-document token")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="attention does not cross end-of-document tokens")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens")
+    g.add_argument("--data-cache-path", help="directory for the index files built from --data-path")
+    g.add_argument("--mock-data", action="store_true", help="synthetic tokens instead of --data-path")
 
     g = p.add_argument_group("logging and evaluation")
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=100)
-    g.add_argument("--tensorboard-dir")
-    g.add_argument("--tensorboard-log-interval", type=int, default=1)
-    g.add_argument("--log-timers-to-tensorboard", action="store_true")
-    g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2])
+    g.add_argument("--log-interval", type=int, default=100,
+                   help="print an averaged iteration line every this many steps")
+    g.add_argument("--eval-interval", type=int, default=1000,
+                   help="evaluate on the validation split every this many steps")
+    g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation")
+    g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1,
+                   help="TensorBoard (and W&B) scalars every this many steps")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true", help="also log the timers")
+    g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
+                   help="0: iteration time; 1: plus per-phase timers; 2: finer timers")
     g.add_argument("--log-json", help="append one JSON object per logged event to this file")
+    g.add_argument("--wandb-project", default="", help="log to this Weights & Biases project (needs the wandb "
+                   "package; WANDB_MODE=offline works without a network)")
+    g.add_argument("--wandb-exp-name", default="", help="the W&B run name (also turns W&B logging on)")
+    g.add_argument("--wandb-save-dir", default="", help="local W&B directory (default: --save/wandb)")
 
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--save")
-    g.add_argument("--load")
-    g.add_argument("--save-interval", type=int)
-    g.add_argument("--no-save-optim", action="store_true")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-save-rng", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--save", help="checkpoint directory")
+    g.add_argument("--load", help="resume from this checkpoint directory (usually the same as --save)")
+    g.add_argument("--save-interval", type=int, help="save a checkpoint every this many steps")
+    g.add_argument("--no-save-optim", action="store_true", help="checkpoints without optimizer state")
+    g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer state")
+    g.add_argument("--no-save-rng", action="store_true", help="checkpoints without RNG state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load RNG state")
     g.add_argument("--finetune", action="store_true",
                    help="load only the model weights from --load; iteration, optimizer, scaler and RNG start fresh")
     g.add_argument("--keep-last-checkpoints", type=int, metavar="K",
                    help="after each save, delete all but the K newest iter_* directories under --save")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="refuse to start when --load holds no checkpoint (instead of training from scratch)")
 
-    g = p.add_argument_group("accepted without effect (a note is printed)")
-    for flag in _NO_EFFECT_SWITCHES:
-        g.add_argument(flag, action="store_true", dest="noop_" + flag.lstrip("-").replace("-", "_"))
-    for flag in _NO_EFFECT_VALUES:
-        g.add_argument(flag, dest="noop_" + flag.lstrip("-").replace("-", "_"))
+    upstream_compat.add_to_parser(p)
     if extra_args_provider is not None:
         p = extra_args_provider(p)
     return p
@@ -244,16 +283,19 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
     `padded_vocab_size` skips building the tokenizer (tests of flag logic).
     """
     parser = build_parser(extra_args_provider)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(upstream_compat.unknown_flags_message(parser, unknown))
     return config_from_args(args, world_size if world_size is not None else world_size_from_env(),
                             check_environment=check_environment, padded_vocab_size=padded_vocab_size)
 
 
 def config_from_args(args: argparse.Namespace, world_size: int, check_environment: bool = True,
                      padded_vocab_size: int | None = None) -> RunConfig:
-    notes = [f"{flag}: accepted, no effect ({why})"
-             for flag, why in {**_NO_EFFECT_SWITCHES, **_NO_EFFECT_VALUES}.items()
-             if getattr(args, "noop_" + flag.lstrip("-").replace("-", "_"), None) not in (None, False)]
+    notes = upstream_compat.review(args)
+    notes += upstream_compat.resolve_upstream_names(args)
+    if args.deepspeed:
+        notes.append(f"--deepspeed: accepted ({upstream_compat.DEEPSPEED_NOTE})")
     if args.deepspeed_config:
         notes += apply_deepspeed_config(args, args.deepspeed_config, world_size)
     args.notes = notes
@@ -287,67 +329,9 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
     log = LogConfig(log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
                     tensorboard_log_interval=args.tensorboard_log_interval,
                     log_timers_to_tensorboard=args.log_timers_to_tensorboard, log_json=args.log_json,
-                    timing_log_level=args.timing_log_level)
+                    timing_log_level=args.timing_log_level, **_wandb_settings(args, check_environment))
     return RunConfig(model=model, parallel=parallel, data=data, optim=optim, train=train,
                      checkpoint=ckpt, log=log, world_size=world_size, notes=tuple(notes))
-
-
-# ----------------------------------------------------------------------------- DeepSpeed JSON
-
-def apply_deepspeed_config(args: argparse.Namespace, path: str, world_size: int) -> list:
-    """Copy batch sizes, ZeRO stage, precision and clipping from a DeepSpeed JSON into `args`.
-
-    A key that an explicit flag also sets must agree with it; "auto" values are skipped.
-    Returns notes about keys that have no meaning here.
-    """
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"--deepspeed_config {path}: cannot read the file ({e}); fix the path") from e
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--deepspeed_config {path}: not valid JSON ({e})") from e
-
-    def take(flag: str, dest: str, value, convert=lambda v: v) -> None:
-        if value is None or value == "auto":
-            return
-        value = convert(value)
-        given = getattr(args, dest)
-        if given is not None and given != value:
-            raise ConfigError(f"{flag} {given} conflicts with {value} in --deepspeed_config {path}; "
-                              f"remove one of them or make them equal")
-        setattr(args, dest, value)
-
-    fp16, bf16 = ds.get("fp16", {}) or {}, ds.get("bf16", {}) or {}
-    take("--global-batch-size", "global_batch_size", ds.get("train_batch_size"), int)
-    take("--micro-batch-size", "micro_batch_size", ds.get("train_micro_batch_size_per_gpu"), int)
-    take("--zero-stage", "zero_stage", (ds.get("zero_optimization") or {}).get("stage"), int)
-    take("--clip-grad", "clip_grad", ds.get("gradient_clipping"), float)
-    # A disabled section says nothing unless a flag turned the mode on.
-    if "enabled" in fp16 and (fp16["enabled"] or args.fp16):
-        take("--fp16", "fp16", bool(fp16["enabled"]))
-    if "enabled" in bf16 and (bf16["enabled"] or args.bf16):
-        take("--bf16", "bf16", bool(bf16["enabled"]))
-    if fp16.get("enabled"):
-        if fp16.get("loss_scale", 0):
-            take("--loss-scale", "loss_scale", fp16["loss_scale"], float)
-        if "initial_scale_power" in fp16:
-            take("--initial-loss-scale", "initial_loss_scale", 2.0 ** fp16["initial_scale_power"], float)
-        take("--loss-scale-window", "loss_scale_window", fp16.get("loss_scale_window"), int)
-        take("--hysteresis", "hysteresis", fp16.get("hysteresis"), int)
-        take("--min-loss-scale", "min_loss_scale", fp16.get("min_loss_scale"), float)
-    gas = ds.get("gradient_accumulation_steps")
-    if gas not in (None, "auto") and args.micro_batch_size and args.global_batch_size:
-        dp = max(1, world_size // max(1, args.ds_sequence_parallel_size))
-        if args.micro_batch_size * int(gas) * dp != args.global_batch_size:
-            raise ConfigError(
-                f"--deepspeed_config {path}: gradient_accumulation_steps={gas} x micro batch "
-                f"{args.micro_batch_size} x data-parallel size {dp} != global batch {args.global_batch_size}; "
-                f"fix gradient_accumulation_steps or drop it (it is derived from the batch sizes)")
-    used = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-            "zero_optimization", "fp16", "bf16", "gradient_clipping"}
-    return [f"--deepspeed_config {path}: key '{k}' ignored (no meaning without the DeepSpeed engine)"
-            for k in ds if k not in used]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -370,9 +354,6 @@ def _validate_parallel(a: argparse.Namespace, world: int) -> None:
             "--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1: this framework "
             "parallelises with Ulysses SP x ZeRO data parallelism; use --ds-sequence-parallel-size and "
             "--zero-stage instead")
-    if a.sequence_parallel:
-        raise ConfigError("--sequence-parallel is Megatron's tensor-parallel sequence parallelism, which "
-                          "is not supported; for Ulysses use --ds-sequence-parallel-size N")
     Topology(world, sp, a.ring_attention_size, overlap_chunks=a.ulysses_overlap_chunks)  # sizes only; raises
     if a.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {a.zero_stage}")
@@ -389,6 +370,8 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
     if a.use_rotary_position_embeddings:
         a.position_embedding_type = "rope"
     a.position_embedding_type = _POSITION_ALIASES[a.position_embedding_type]
+    if not a.add_position_embedding and a.position_embedding_type == "learned_absolute":
+        a.position_embedding_type = "none"  # upstream's --no-position-embedding: no learned positions
     if a.position_embedding_type == "learned_absolute" and a.seq_length > a.max_position_embeddings:
         raise ConfigError(f"--seq-length ({a.seq_length}) must be <= --max-position-embeddings "
                           f"({a.max_position_embeddings}) with learned absolute positions; raise "
@@ -442,6 +425,9 @@ def _resolve_batch(a: argparse.Namespace, dp: int) -> None:
     if len(decay) > 1:
         raise ConfigError(f"{' and '.join(f for f, _ in decay)} all set the decay length; pass one of them")
     a.lr_decay_steps = decay[0][1] if decay else a.train_iters
+    for flag in ("lr_warmup_iters", "lr_warmup_samples"):
+        if getattr(a, flag) == 0:
+            setattr(a, flag, None)  # upstream's default: 0 says "no warmup from this flag", not a conflict
     warm = [(f, v) for f, v in (("--lr-warmup-iters", a.lr_warmup_iters),
                                 ("--lr-warmup-fraction", None if a.lr_warmup_fraction is None
                                  else int(a.lr_warmup_fraction * a.lr_decay_steps)),
@@ -461,9 +447,11 @@ def _validate_precision_and_backend(a: argparse.Namespace, check_environment: bo
     if a.lr is None:
         raise ConfigError("--lr is required (the peak learning rate, e.g. --lr 3e-4)")
     backend = a.attention_backend
-    wanted = "flash-attn" if a.use_flash_attn else "triton" if a.use_flash_attn_triton else None
-    if a.use_flash_attn and a.use_flash_attn_triton:
-        raise ConfigError("--use-flash-attn(-v2) and --use-flash-attn-triton choose different kernels; pass one")
+    flash = a.use_flash_attn or a.use_flash_attn_v1 or a.use_flash_attn_builder
+    wanted = "flash-attn" if flash else "triton" if a.use_flash_attn_triton else None
+    if flash and a.use_flash_attn_triton:
+        raise ConfigError("--use-flash-attn(-v1/-v2/-builder) and --use-flash-attn-triton choose different kernels; "
+                          "pass one")
     if wanted and backend and backend != wanted:
         raise ConfigError(f"--attention-backend {backend} contradicts the flash-attention flag (which means "
                           f"--attention-backend {wanted}); pass one of them")
@@ -494,11 +482,16 @@ def _data_config(a: argparse.Namespace) -> DataConfig:
     if not a.mock_data and not a.data_path:
         raise ConfigError("--data-path is required (a preprocessed prefix, or 'W1 P1 W2 P2' to blend); "
                           "use --mock-data for synthetic tokens")
+    if a.tokenizer_type in _BERT_TOKENIZERS:
+        raise ConfigError(f"--tokenizer-type {a.tokenizer_type}: BERT WordPiece tokenizers are not supported for GPT "
+                          f"pretraining; use GPT2BPETokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer or "
+                          f"HFTokenizer")
+    a.tokenizer_type = _TOKENIZER_ALIASES.get(a.tokenizer_type, a.tokenizer_type)
+    synthetic = a.mock_data and a.vocab_file is None and a.tokenizer_model is None
+    if a.tokenizer_type is None and not synthetic:
+        a.tokenizer_type = "GPT2BPETokenizer"  # Megatron-DeepSpeed's default: its GPT examples never pass the flag
     if a.mock_data and a.tokenizer_type is None and a.vocab_size is None:
         raise ConfigError("--mock-data without --tokenizer-type needs --vocab-size (NullTokenizer)")
-    if not a.mock_data and a.tokenizer_type is None:
-        raise ConfigError("--tokenizer-type is required with --data-path (e.g. GPT2BPETokenizer, "
-                          "SentencePieceTokenizer, HuggingFaceTokenizer)")
     return DataConfig(seq_length=a.seq_length, data_path=tuple(a.data_path), split=a.split,
                       tokenizer_type=a.tokenizer_type or "NullTokenizer", vocab_file=a.vocab_file,
                       merge_file=a.merge_file, tokenizer_model=a.tokenizer_model, vocab_size=a.vocab_size,
@@ -535,9 +528,29 @@ def _checkpoint_config(a: argparse.Namespace, check_environment: bool) -> Checkp
             os.path.abspath(a.load) != os.path.abspath(a.save or ""):
         raise ConfigError(f"--load {a.load}: no such directory; pass the --save directory of an earlier run "
                           f"(it holds latest_checkpointed_iteration.txt), or drop --load to start from scratch")
+    if check_environment and a.exit_on_missing_checkpoint and a.load and \
+            not os.path.isfile(os.path.join(a.load, "latest_checkpointed_iteration.txt")):
+        raise ConfigError(f"--exit-on-missing-checkpoint: --load {a.load} holds no checkpoint "
+                          f"(no latest_checkpointed_iteration.txt); pass the --save directory of an earlier run, "
+                          f"or drop --exit-on-missing-checkpoint to start from scratch")
     return CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, no_save_optim=a.no_save_optim,
                             no_load_optim=a.no_load_optim, no_save_rng=a.no_save_rng, no_load_rng=a.no_load_rng,
                             finetune=a.finetune, keep_last=a.keep_last_checkpoints)
+
+
+def _wandb_settings(a: argparse.Namespace, check_environment: bool) -> dict:
+    """LogConfig's W&B fields. Logging is on when a project or a run name is given (as upstream)."""
+    if not (a.wandb_project or a.wandb_exp_name):
+        return {}
+    if check_environment and not _has_module("wandb"):
+        raise ConfigError("--wandb-project / --wandb-exp-name need the wandb package, which is not installed: "
+                          "pip install wandb (WANDB_MODE=offline logs without a network), or drop the flags")
+    save_dir = a.wandb_save_dir or (os.path.join(a.save, "wandb") if a.save else None)
+    # upstream hands W&B every parsed flag as the run's config; so do we (JSON-able values only)
+    flags = tuple(sorted((k, v) for k, v in vars(a).items()
+                         if isinstance(v, (str, int, float, bool, type(None))) and not k.startswith("compat_")))
+    return dict(wandb_project=a.wandb_project, wandb_exp_name=a.wandb_exp_name, wandb_save_dir=save_dir,
+                wandb_config=flags)
 
 
 def _optim_config(a: argparse.Namespace, train: TrainConfig) -> OptimConfig:
@@ -578,6 +591,14 @@ def _padded_vocab_size(data: DataConfig) -> int:
         return build_tokenizer(data).padded_vocab_size
     except (TokenizerError, OSError) as e:
         raise ConfigError(str(e)) from e
+
+
+def _int_like(text: str) -> int:
+    """An int that may be written as a float ("1000.0"): upstream parses --loss-scale-window as a float."""
+    value = float(text)
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text}")
+    return int(value)
 
 
 def _ceil_div(x: int | None, d: int) -> int | None:

@@ -290,6 +290,10 @@ class LogConfig:
     log_timers_to_tensorboard: bool = False
     log_json: str | None = None  # one JSON object per line, for tests and tools
     timing_log_level: int = 0
+    wandb_project: str = ""  # Weights & Biases logging is on when a project or a run name is set
+    wandb_exp_name: str = ""
+    wandb_save_dir: str | None = None  # None: wandb's default directory
+    wandb_config: tuple = ()  # (flag, value) pairs: the W&B run's config, as upstream records its args
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,15 @@
-"""What a run reports: Megatron-style iteration lines, TensorBoard scalars, a JSON-lines log.
+"""What a run reports: Megatron-style iteration lines, TensorBoard and W&B scalars, a JSON-lines log.
 
 Only rank 0 writes. Values are already global (the loss is the mean over every token of
 the global batch, the gradient norm is the full norm), so rank 0 speaks for everyone;
 peak memory is the maximum over ranks, gathered by the loop. The JSON log holds one
 object per iteration (not only per --log-interval) so tests and tools can read exact
 loss curves without parsing text.
+
+Weights & Biases (`--wandb-project` / `--wandb-exp-name`, as in Megatron-DeepSpeed) receives the same scalars
+as TensorBoard under the same names; the "... vs samples" / "... vs tokens" series are plotted against their
+own x axis ("samples", "tokens"), declared with `wandb.define_metric`. The optional `wandb` package is imported
+only when asked for; `megatron.arguments` refuses the flags when it is missing.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ class RunLogger:
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self._tb = None
+        self._wandb = None  # the wandb Run, once started
+        self._wandb_axes: set = set()
+        self._wandb_step = 0  # the latest iteration logged to W&B
         self._json = None
         self._acc: dict[str, float] = {}
         self._count = 0
@@ -41,6 +49,8 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional, slow import)
 
             self._tb = SummaryWriter(log_dir=log_cfg.tensorboard_dir, max_queue=1000)
+        if getattr(log_cfg, "wandb_project", "") or getattr(log_cfg, "wandb_exp_name", ""):
+            self._start_wandb(log_cfg)
         if log_cfg.log_json:
             os.makedirs(os.path.dirname(os.path.abspath(log_cfg.log_json)), exist_ok=True)
             self._json = open(log_cfg.log_json, "a")  # noqa: SIM115 (closed in close())
@@ -58,6 +68,27 @@ class RunLogger:
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self._tb is not None:
             self._tb.add_scalar(tag, value, step)
+        if self._wandb is not None:
+            axis = next((a for a in ("samples", "tokens") if tag.endswith(f" vs {a}")), None)
+            if axis is None:
+                self._wandb.log({tag: value}, step=step)
+                self._wandb_step = max(self._wandb_step, step)
+            else:  # W&B steps must not go back: plot against a declared axis, at the current iteration
+                if tag not in self._wandb_axes:
+                    self._wandb.define_metric(axis)
+                    self._wandb.define_metric(tag, step_metric=axis)
+                    self._wandb_axes.add(tag)
+                self._wandb.log({tag: value, axis: step}, step=self._wandb_step)
+
+    def _start_wandb(self, log_cfg) -> None:
+        import wandb  # noqa: PLC0415 (optional package; arguments.py checked that it is installed)
+
+        kwargs = dict(project=log_cfg.wandb_project or None, name=log_cfg.wandb_exp_name or None,
+                      config=dict(log_cfg.wandb_config))
+        if log_cfg.wandb_save_dir:
+            os.makedirs(log_cfg.wandb_save_dir, exist_ok=True)
+            kwargs["dir"] = log_cfg.wandb_save_dir
+        self._wandb = wandb.init(**kwargs)
 
     # ---------------------------------------------------------------- training iterations
 
@@ -103,7 +134,7 @@ class RunLogger:
             self.print("    time (ms) | " + " | ".join(f"{k}: {1000 * v:.1f}" for k, v in sorted(timers.items())))
 
     def _tensorboard(self, it: int, s: dict, timers: dict | None) -> None:
-        if self._tb is None:
+        if self._tb is None and self._wandb is None:
             return
         samples = s["consumed_samples"]
         for tag, key in (("learning-rate", "lr"), ("batch-size", "global_batch_size"), ("lm loss", "lm_loss"),
@@ -146,3 +177,6 @@ class RunLogger:
             self._tb.close()
         if self._json is not None:
             self._json.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

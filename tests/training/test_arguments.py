@@ -89,7 +89,6 @@ def test_model_families():
     ("--ds-sequence-parallel-size 2", 3, "--ds-sequence-parallel-size (2) must divide the world size (3)"),
     ("--zero-stage 4", 1, "--zero-stage must be 0, 1, 2 or 3"),
     ("--tensor-model-parallel-size 2", 2, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be 1"),
-    ("--sequence-parallel", 1, "--sequence-parallel is Megatron's tensor-parallel"),
     ("--train-samples 10", 1, "--train-iters and --train-samples are mutually exclusive"),
     ("--lr-warmup-iters 2 --lr-warmup-fraction 0.1", 1, "--lr-warmup-iters and --lr-warmup-fraction"),
     ("--lr-decay-iters 5 --lr-decay-tokens 100", 1, "--lr-decay-iters and --lr-decay-tokens"),
@@ -123,6 +122,12 @@ def test_flash_attention_needs_package_and_gpu(monkeypatch):
     assert cfg("--use-flash-attn-v2 --bf16", check_environment=False).parallel.attention_backend == "flash-attn"
     # ... but not what the run itself would refuse: flash-attn kernels take bf16/fp16 only
     assert "needs --bf16 or --fp16" in error("--use-flash-attn-v2", check_environment=False)
+
+
+def test_tensor_parallel_sequence_parallel_is_a_note_at_tensor_parallel_1():
+    # upstream switches Megatron's --sequence-parallel off when tensor parallelism is 1 (this used to be an error)
+    notes = " ".join(cfg("--sequence-parallel").notes)
+    assert "--sequence-parallel: accepted, no effect" in notes and "--ds-sequence-parallel-size" in notes
 
 
 def test_deepspeed_only_flags_are_accepted_with_a_note():
