@@ -44,6 +44,25 @@ def _wide(offs, BIG: tl.constexpr):
 
 
 @triton.jit
+def _keep_mask(q_pos, k_pos, q_ok, k_ok, run_start, run_end, partner,
+               CAUSAL: tl.constexpr, HAS_RUNS: tl.constexpr):
+    """Which (query, key) pairs of a tile may attend: both in range, causal, same document.
+
+    The arguments broadcast to the tile: [M, 1] query and [1, N] key blocks in the forward
+    and dQ kernels, [1, M] and [N, 1] in the dK/dV kernel. run_start / run_end are the
+    document bounds of the positions the program owns (its queries in the forward and dQ
+    kernels, its keys in the dK/dV kernel) and `partner` the positions it loops over;
+    "same run" is symmetric, so the owner's bounds decide it. Unused unless HAS_RUNS.
+    """
+    keep = k_ok & q_ok
+    if CAUSAL:
+        keep = keep & (k_pos <= q_pos)
+    if HAS_RUNS:
+        keep = keep & (partner >= run_start) & (partner < run_end)
+    return keep
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Out, LSE, RUN_START, RUN_END,
                 sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
                 seqlen, qk_scale,
@@ -71,6 +90,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, RUN_START, RUN_END,
     hi = seqlen
     if CAUSAL:
         hi = tl.minimum(start_m + BLOCK_M, seqlen)
+    rs = offs_m  # placeholders, read only if HAS_RUNS
+    re = offs_m
     if HAS_RUNS:
         rs = tl.load(RUN_START + b * seqlen + offs_m, mask=row_ok, other=0)
         re = tl.load(RUN_END + b * seqlen + offs_m, mask=row_ok, other=0)
@@ -87,11 +108,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, RUN_START, RUN_END,
         kt = tl.load(k_base + _wide(offs_n, BIG)[None, :] * sks + offs_d[:, None],
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        keep = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_RUNS:
-            keep = keep & (offs_n[None, :] >= rs[:, None]) & (offs_n[None, :] < re[:, None])
+        keep = _keep_mask(offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :],
+                          rs[:, None], re[:, None], offs_n[None, :], CAUSAL, HAS_RUNS)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with no key seen yet keeps m = -inf; shift by 0 instead to avoid inf - inf
@@ -156,6 +174,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, RUN_START, RUN_END,
     hi = seqlen
     if CAUSAL:  # queries before the block's first key never see it
         lo = (start_n // BLOCK_M) * BLOCK_M
+    rs = offs_n  # placeholders, read only if HAS_RUNS
+    re = offs_n
     if HAS_RUNS:
         rs = tl.load(RUN_START + b * seqlen + offs_n, mask=col_ok, other=0)
         re = tl.load(RUN_END + b * seqlen + offs_n, mask=col_ok, other=0)
@@ -179,11 +199,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, RUN_START, RUN_END,
             lse = tl.load(LSE + bh + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh + offs_m, mask=row_ok, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-            keep = row_ok[None, :] & col_ok[:, None]
-            if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            if HAS_RUNS:
-                keep = keep & (offs_m[None, :] >= rs[:, None]) & (offs_m[None, :] < re[:, None])
+            keep = _keep_mask(offs_m[None, :], offs_n[:, None], row_ok[None, :], col_ok[:, None],
+                              rs[:, None], re[:, None], offs_m[None, :], CAUSAL, HAS_RUNS)
             pt = tl.where(keep, tl.exp2(st - lse[None, :]), 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -227,6 +244,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, RUN_START, RUN_END,
     hi = seqlen
     if CAUSAL:
         hi = tl.minimum(start_m + BLOCK_M, seqlen)
+    rs = offs_m  # placeholders, read only if HAS_RUNS
+    re = offs_m
     if HAS_RUNS:
         rs = tl.load(RUN_START + b * seqlen + offs_m, mask=row_ok, other=0)
         re = tl.load(RUN_END + b * seqlen + offs_m, mask=row_ok, other=0)
@@ -242,11 +261,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, RUN_START, RUN_END,
         k = tl.load(k_base + kv_rows * sks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + kv_rows * svs + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        keep = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_RUNS:
-            keep = keep & (offs_n[None, :] >= rs[:, None]) & (offs_n[None, :] < re[:, None])
+        keep = _keep_mask(offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :],
+                          rs[:, None], re[:, None], offs_n[None, :], CAUSAL, HAS_RUNS)
         p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
