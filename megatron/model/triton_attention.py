@@ -71,10 +71,15 @@ class TritonAttention(LocalAttention):
     """FlashAttention-2 style attention in the project's Triton kernel; causal, GQA, documents.
 
     Extra keyword arguments exist for tuning and for the interpreter tests: tile sizes
-    (powers of two >= 16; the tests need small ones), warps and pipeline stages, TF32
-    dots for fp32 inputs, and int64 row indexing (chosen automatically when a tensor is
-    too large for int32 offsets; forcing it lets the tests cover that path). The
-    defaults are meant for A100/H100-class GPUs and are not tuned yet.
+    (powers of two >= 16; the tests need small ones), warps and pipeline stages, and
+    int64 row indexing (chosen automatically when a tensor is too large for int32
+    offsets; forcing it lets the tests cover that path). The defaults are meant for
+    A100/H100-class GPUs and are not tuned yet.
+
+    `allow_tf32` concerns fp32 inputs only: None (default) multiplies them on TF32 tensor
+    cores on NVIDIA GPUs (Ampere and newer; IEEE fp32 on ROCm and under the
+    interpreter, which has no TF32), False forces IEEE fp32 dots, True asks for TF32.
+    See `dot_precision` in the kernel module.
     """
 
     name = "triton"
@@ -83,7 +88,7 @@ class TritonAttention(LocalAttention):
                  layout: str = "sbhd", block_m: int | None = None, block_n: int | None = None,
                  bwd_block_m: int | None = None, bwd_block_n: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None,
-                 allow_tf32: bool = False, int64_index: bool = False) -> None:
+                 allow_tf32: bool | None = None, int64_index: bool = False) -> None:
         super().__init__(causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, layout=layout)
         ok, reason = triton_available()
         if not ok:
@@ -120,7 +125,7 @@ class TritonAttention(LocalAttention):
                                  f"got {list(segment_ids.shape)}")
             run_start, run_end = run_bounds(segment_ids.to(q.device))
         fa = self._fa
-        cfg = fa.KernelConfig(d, dtype=q.dtype, allow_tf32=self.allow_tf32, **self._tiles)
+        cfg = fa.KernelConfig(d, dtype=q.dtype, allow_tf32=self.allow_tf32, device=q.device, **self._tiles)
         out = fa.FlashAttentionFunction.apply(q, k, v, run_start, run_end, self.causal, self._scale(d), cfg)
         return self._from_bhsd(out)  # [b, hq, s, d] -> q's layout
 

@@ -16,7 +16,9 @@ Conventions inside the kernels:
   symmetric, so the dK/dV kernel masks with the key's own bounds. The bounds also give
   the loop limits, so key blocks outside a query block's documents are never visited;
 * all accumulation (scores, softmax statistics, O, dQ, dK, dV) is fp32; operands of
-  the dots keep the input dtype (fp16/bf16 on GPU; fp32 with IEEE dots by default).
+  the dots keep the input dtype (fp16/bf16 on GPU, or fp32). How fp32 operands are
+  multiplied is `dot_precision`: TF32 tensor cores on NVIDIA GPUs by default, IEEE fp32
+  under the interpreter or when asked.
 
 Backward = a delta kernel (rowsum(dO * O)), a dK/dV kernel that owns one key block of
 one key/value head and loops over all query heads of its group (deterministic GQA
@@ -281,6 +283,33 @@ def _needs_int64(s: int, *tensors: torch.Tensor) -> bool:
     return (s + 256) * max(t.stride(2) for t in tensors) >= 2**31
 
 
+def interpreted() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1 (decided when this module was imported)."""
+    return not isinstance(_fwd_kernel, triton.runtime.JITFunction)
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool | None, device: torch.device) -> str:
+    """The `input_precision` of every tl.dot in the kernels.
+
+    It matters only for fp32 operands (triton ignores it for fp16/bf16: the PTX for sm80
+    and sm90 is identical with "ieee" and "tf32"), but it must name a mode the target
+    has, so 16-bit inputs get "ieee", which every target accepts ("tf32" does not
+    compile for AMD MI200). For fp32 inputs:
+    * allow_tf32=None (default): "tf32" on an NVIDIA GPU: TF32 tensor cores on Ampere
+      and newer (10 mantissa bits per product, fp32 accumulation, as cuBLAS with
+      torch.backends.cuda.matmul.allow_tf32); older NVIDIA GPUs have none and triton
+      computes the dot with exact fp32 FMAs. "ieee" on ROCm (TF32 exists on CDNA3 only);
+    * allow_tf32=True: "tf32" (on ROCm only CDNA3 accepts it); allow_tf32=False: "ieee";
+    * under the interpreter always "ieee": it multiplies in full fp32 with numpy whatever
+      is asked and does not emulate TF32, so "ieee" says what is computed.
+    """
+    if interpreted() or dtype != torch.float32:
+        return "ieee"
+    if allow_tf32 is None:
+        return "tf32" if device.type == "cuda" and torch.version.hip is None else "ieee"
+    return "tf32" if allow_tf32 else "ieee"
+
+
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels address d with stride 1; anything else is copied once."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -291,8 +320,8 @@ class KernelConfig:
 
     def __init__(self, head_dim: int, *, block_m: int | None, block_n: int | None,
                  bwd_block_m: int | None, bwd_block_n: int | None, num_warps: int | None,
-                 num_stages: int | None, dtype: torch.dtype, allow_tf32: bool,
-                 int64_index: bool = False) -> None:
+                 num_stages: int | None, dtype: torch.dtype, allow_tf32: bool | None = None,
+                 device: torch.device | str = "cuda", int64_index: bool = False) -> None:
         self.head_dim = head_dim
         self.block_d = max(16, triton.next_power_of_2(head_dim))
         self.block_m = block_m or 128
@@ -301,8 +330,7 @@ class KernelConfig:
         self.bwd_block_n = bwd_block_n or (block_n or 64)
         self.num_warps = num_warps or (4 if head_dim <= 64 else 8)
         self.num_stages = num_stages or 2
-        # 16-bit dots ignore the precision; fp32 dots are exact (IEEE) unless TF32 is asked for
-        self.precision = "tf32" if (allow_tf32 or dtype != torch.float32) else "ieee"
+        self.precision = dot_precision(dtype, allow_tf32, torch.device(device))
         self.int64_index = int64_index  # forced on by tests; otherwise chosen per call by size
 
 
@@ -383,5 +411,5 @@ def flash_attention(q, k, v, run_start=None, run_end=None, *, causal=True, sm_sc
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     if cfg is None:
         cfg = KernelConfig(q.shape[-1], block_m=None, block_n=None, bwd_block_m=None, bwd_block_n=None,
-                           num_warps=None, num_stages=None, dtype=q.dtype, allow_tf32=False)
+                           num_warps=None, num_stages=None, dtype=q.dtype, device=q.device)
     return FlashAttentionFunction.apply(q, k, v, run_start, run_end, causal, sm_scale, cfg)
