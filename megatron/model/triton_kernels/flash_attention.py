@@ -18,8 +18,7 @@ Conventions inside the kernels:
 * all accumulation (scores, softmax statistics, O, dQ, dK, dV) is fp32; operands of
   the dots keep the input dtype (fp16/bf16 on GPU, or fp32). How fp32 operands are
   multiplied is `dot_precision`: TF32 tensor cores on NVIDIA GPUs by default, IEEE fp32
-  under the interpreter or when asked.
-
+  under the interpreter or when asked;
 * attention dropout as in FlashAttention: O = (P * Z) V with P the softmax, Z = keep /
   (1 - p); the LSE describes P before dropout. keep comes from counter-based Philox
   (tl.rand) of a 64-bit seed and the element's index (batch, query head, query row, key
@@ -416,10 +415,11 @@ def draw_seed(device: torch.device | str) -> torch.Tensor:
     Why a device tensor drawn there, not a Python int: no host sync (the kernels load it),
     and it advances the same generator that F.dropout on that device would, so
     torch.manual_seed, torch.utils.checkpoint (which restores the RNG state of the
-    devices of its inputs before recomputing) and CUDA-graph capture (the seed is read
-    from memory at replay, so each replay draws a new mask) behave as with any torch
-    dropout. A Python int from the CPU generator would avoid a GPU sync too, but would
-    be frozen into a captured graph and would advance the CPU stream on every layer.
+    devices of its inputs before recomputing) and CUDA-graph capture (torch's CUDA
+    generator is capture-aware and the kernels read the seed from memory, so a replay
+    should draw a new mask; not tried) behave as with any torch dropout. A Python int
+    from the CPU generator would avoid a GPU sync too, but would be frozen into a
+    captured graph and would advance the CPU stream on every layer.
     """
     return torch.randint(0, SEED_RANGE, (1,), device=device, dtype=torch.int64)
 
@@ -442,9 +442,9 @@ def dropout_keep_mask(seed: int | torch.Tensor, batch: int, heads: int, seqlen: 
     """bool [batch, heads, s, s]: which probabilities the kernels keep for this seed (debug/tests).
 
     `heads` counts query heads; device defaults to the seed's, or to where the kernels
-    run (CPU under the interpreter). Element [b, h, i, j] is the decision for query i and key j
-    of head h, whether or not the causal/document mask lets i see j; the kernels use it
-    where it does. Built by the same @triton.jit helper the kernels call.
+    run (CPU under the interpreter). Element [b, h, i, j] is the decision for query i
+    and key j of head h, whether or not the causal/document mask lets i see j; the
+    kernels use it where it does. Built by the same @triton.jit helper the kernels call.
     """
     _check_dropout(dropout_p)
     if device is None:  # the seed's device, else where the kernels run
