@@ -68,13 +68,23 @@ def run_bounds(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TritonAttention(LocalAttention):
-    """FlashAttention-2 style attention in the project's Triton kernel; causal, GQA, documents.
+    """FlashAttention-2 style attention in the project's Triton kernel; causal, GQA, documents, dropout.
+
+    Attention dropout (dropout_p, in training mode only) is applied inside the kernel as
+    FlashAttention does: the mask comes from Philox keyed by a seed drawn from the
+    generator of q's device at each forward (so torch.utils.checkpoint recomputes the
+    same mask) and is regenerated, not stored, in backward.
 
     Extra keyword arguments exist for tuning and for the interpreter tests: tile sizes
-    (powers of two >= 16; the tests need small ones), warps and pipeline stages, TF32
-    dots for fp32 inputs, and int64 row indexing (chosen automatically when a tensor is
-    too large for int32 offsets; forcing it lets the tests cover that path). The
-    defaults are meant for A100/H100-class GPUs and are not tuned yet.
+    (powers of two >= 16; the tests need small ones), warps and pipeline stages, and
+    int64 row indexing (chosen automatically when a tensor is too large for int32
+    offsets; forcing it lets the tests cover that path). The defaults are meant for
+    A100/H100-class GPUs and are not tuned yet.
+
+    `allow_tf32` concerns fp32 inputs only: None (default) multiplies them on TF32 tensor
+    cores on NVIDIA GPUs (Ampere and newer; IEEE fp32 on ROCm and under the
+    interpreter, which has no TF32), False forces IEEE fp32 dots, True asks for TF32.
+    See `dot_precision` in the kernel module.
     """
 
     name = "triton"
@@ -83,8 +93,10 @@ class TritonAttention(LocalAttention):
                  layout: str = "sbhd", block_m: int | None = None, block_n: int | None = None,
                  bwd_block_m: int | None = None, bwd_block_n: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None,
-                 allow_tf32: bool = False, int64_index: bool = False) -> None:
+                 allow_tf32: bool | None = None, int64_index: bool = False) -> None:
         super().__init__(causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, layout=layout)
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"attention dropout must be in [0, 1) (--attention-dropout), got {dropout_p}")
         ok, reason = triton_available()
         if not ok:
             raise RuntimeError(
@@ -106,10 +118,6 @@ class TritonAttention(LocalAttention):
             raise ValueError("the triton attention backend takes no explicit attention_mask, only causal "
                              "masking and segment_ids (document masks); for arbitrary masks use "
                              "--attention-backend sdpa or classic")
-        if self.training and self.dropout_p > 0:
-            raise ValueError(f"the triton attention backend does not implement attention dropout "
-                             f"(dropout_p={self.dropout_p}); set --attention-dropout 0 or use "
-                             "--attention-backend sdpa, classic or flash-attn")
         self._check_inputs(q, k, v)
         q, k, v = self._to_bhsd(q), self._to_bhsd(k), self._to_bhsd(v)  # [.., h, ..] -> [b, h, s, d] views
         b, hq, s, d = q.shape
@@ -122,8 +130,10 @@ class TritonAttention(LocalAttention):
                                  f"got {list(segment_ids.shape)}")
             run_start, run_end = run_bounds(segment_ids.to(q.device))
         fa = self._fa
-        cfg = fa.KernelConfig(d, dtype=q.dtype, allow_tf32=self.allow_tf32, **self._tiles)
-        out = fa.FlashAttentionFunction.apply(q, k, v, run_start, run_end, self.causal, self._scale(d), cfg)
+        cfg = fa.KernelConfig(d, dtype=q.dtype, allow_tf32=self.allow_tf32, device=q.device, **self._tiles)
+        dropout_p = self.dropout_p if self.training else 0.0
+        out = fa.flash_attention(q, k, v, run_start, run_end, causal=self.causal, sm_scale=self._scale(d),
+                                 cfg=cfg, dropout_p=dropout_p)
         return self._from_bhsd(out)  # [b, hq, s, d] -> q's layout
 
     def _check_inputs(self, q, k, v) -> None:

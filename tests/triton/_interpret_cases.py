@@ -4,9 +4,12 @@ Started by test_triton_attention.py in a fresh process with TRITON_INTERPRET=1, 
 the interpreter is chosen when triton is imported and the pytest process may have
 imported it already. Each correctness case compares forward and the three gradients
 with an independent reference backend (classic, or sdpa for repeated ids) and reports
-norm-wise relative errors; each error case reports the exception it got.
+norm-wise relative errors; each error case reports the exception it got; the dropout
+cases and checks are in _dropout_cases.py.
 
     TRITON_INTERPRET=1 python -m tests.triton._interpret_cases [case ...]
+
+It also reports which dot precision the kernels use under the interpreter.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ TRITON_IMPORTED_BY_MODULE = "triton" in sys.modules
 import torch  # noqa: E402
 
 from megatron.model.attention_backends import ClassicAttention, SDPAttention  # noqa: E402
+from tests.triton._dropout_cases import DROPOUT_CASES, dropout_checks, run_dropout_case  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
 
 SMALL = dict(block_m=16, block_n=16)
@@ -102,11 +106,10 @@ def error_cases() -> dict:
     attn = ta.TritonAttention(**SMALL)
     q = torch.randn(16, 1, 2, 16)
     drop = ta.TritonAttention(dropout_p=0.1, **SMALL)
-    drop_eval = ta.TritonAttention(dropout_p=0.1, **SMALL).eval()
     return {
         "attention_mask": _raises(lambda: attn(q, q, q, attention_mask=torch.ones(16, 16, dtype=torch.bool))),
-        "dropout_training": _raises(lambda: drop(q, q, q)),
-        "dropout_eval_runs": _raises(lambda: drop_eval(q, q, q)),
+        "dropout_training_runs": _raises(lambda: drop(q, q, q)),
+        "dropout_out_of_range": _raises(lambda: ta.TritonAttention(dropout_p=1.0)),
         "heads_not_multiple": _raises(lambda: attn(torch.randn(16, 1, 3, 16), q, q)),
         "head_dim_too_big": _raises(lambda: attn(*(torch.randn(16, 1, 2, 256),) * 3)),
         "dtype_mismatch": _raises(lambda: attn(q, q.double(), q)),
@@ -117,10 +120,14 @@ def error_cases() -> dict:
 
 def main(names: list[str]) -> None:
     print(json.dumps({"triton_imported_by_module": TRITON_IMPORTED_BY_MODULE,
-                      "available": ta.triton_available()}), flush=True)
-    for name in names or CASES:
-        print(json.dumps(run_case(name)), flush=True)
+                      "available": ta.triton_available(),
+                      "fp32_dot_precision": ta._kernels().dot_precision(torch.float32, None, torch.device("cpu")),
+                      "fp32_tf32_asked": ta._kernels().dot_precision(torch.float32, True, torch.device("cpu"))}),
+          flush=True)
+    for name in names or [*CASES, *DROPOUT_CASES]:
+        print(json.dumps(run_dropout_case(name) if name in DROPOUT_CASES else run_case(name)), flush=True)
     if not names:
+        print(json.dumps({"dropout_checks": dropout_checks()}), flush=True)
         print(json.dumps({"error_cases": error_cases()}), flush=True)
 
 

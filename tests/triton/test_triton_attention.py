@@ -2,28 +2,22 @@
 
 The kernel cases run in one child process started with TRITON_INTERPRET=1 (the
 interpreter is picked when triton is imported, and this pytest process may already
-have imported it); see _interpret_cases.py. Runtime: about 10 s of CPU in all (about
-7 s of it the interpreter in the child); 20-35 s wall measured on the shared, heavily
-loaded 2-core machine.
+have imported it), shared by the tests of this folder: the `interpreted` fixture of
+conftest.py, which runs _interpret_cases.py. The dropout cases are in
+test_triton_dropout.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron.model import triton_attention as ta
 from tests.triton._interpret_cases import CASES
+from tests.triton.conftest import HAS_TRITON
 
-REPO = Path(__file__).resolve().parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
 
 # fp32: online softmax vs one-shot softmax differ by rounding only (~3e-7 seen).
@@ -32,21 +26,9 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "tests.triton._interpret_cases"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    by_case = {r["case"]: r for r in lines if "case" in r}
-    return lines[0], by_case, lines[-1]["error_cases"]
-
-
 @needs_triton
 def test_module_import_leaves_triton_alone(interpreted):
-    header, _, _ = interpreted
+    header = interpreted["header"]
     assert header["triton_imported_by_module"] is False
     assert header["available"][0] is True and "interpreter" in header["available"][1]
 
@@ -54,7 +36,7 @@ def test_module_import_leaves_triton_alone(interpreted):
 @needs_triton
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(interpreted, case):
-    result = interpreted[1][case]
+    result = interpreted["cases"][case]
     tol = TOLERANCE[CASES[case][9]]
     bad = {k: e for k, e in result["errors"].items() if not e < tol}
     assert not bad, f"{case}: relative errors above {tol:.0e}: {bad} (all: {result['errors']})"
@@ -63,8 +45,8 @@ def test_matches_reference(interpreted, case):
 
 EXPECTED_ERRORS = {
     "attention_mask": ("ValueError", "sdpa or classic"),
-    "dropout_training": ("ValueError", "dropout"),
-    "dropout_eval_runs": ("no exception", ""),
+    "dropout_training_runs": ("no exception", ""),
+    "dropout_out_of_range": ("ValueError", "[0, 1)"),
     "heads_not_multiple": ("ValueError", "multiple of key/value heads"),
     "head_dim_too_big": ("ValueError", "at most 128"),
     "dtype_mismatch": ("ValueError", "dtype"),
@@ -77,7 +59,7 @@ EXPECTED_ERRORS = {
 @pytest.mark.parametrize("what", list(EXPECTED_ERRORS))
 def test_error_cases(interpreted, what):
     kind, words = EXPECTED_ERRORS[what]
-    got = interpreted[2][what]
+    got = interpreted["error_cases"][what]
     assert got.startswith(kind) and words in got, f"{what}: expected {kind} mentioning {words!r}, got {got!r}"
 
 
