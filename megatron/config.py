@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")  # gelu: exact (erf); gelu_tanh: OpenAI's tanh approximation
+ROPE_SCALING_TYPES = (None, "linear", "dynamic", "yarn", "llama3")  # transformers' rope_type names
 ATTENTION_BACKENDS = ("classic", "sdpa", "flash-attn", "triton")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 
@@ -49,6 +50,22 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    # tokens the tokenizer can produce; rows >= it are padding (--make-vocab-size-divisible-by) and
+    # never take part in a softmax. None: vocab_size (no padding)
+    true_vocab_size: int | None = None
+    # RoPE variants, with transformers' definitions (megatron/model/rotary.py)
+    rotary_percent: float = 1.0  # fraction of each head's dims that RoPE rotates (GPT-NeoX style)
+    rope_scaling_type: str | None = None  # None (plain RoPE), "linear", "dynamic", "yarn", "llama3"
+    rope_scaling_factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # context the model was pretrained at
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float | None = None
+    yarn_mscale_all_dim: float | None = None
+    yarn_truncate: bool = True
+    rope_attention_factor: float | None = None  # yarn: scales cos/sin; None: from factor (and mscales)
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -80,13 +97,55 @@ class ModelConfig:
         _choice("activation", self.activation, ACTIVATIONS)
         if self.position_embedding_type == "rope" and self.kv_channels % 2:
             raise ConfigError(f"RoPE needs an even head dim, got kv_channels={self.kv_channels}")
+        if self.true_vocab_size is not None and not 0 < self.true_vocab_size <= self.vocab_size:
+            raise ConfigError(f"true_vocab_size ({self.true_vocab_size}) must be in [1, vocab_size = "
+                              f"{self.vocab_size}] (the padded vocabulary)")
+        self._validate_rope()
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1)")
 
+    def _validate_rope(self) -> None:
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ConfigError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+        _choice("rope_scaling_type", self.rope_scaling_type, ROPE_SCALING_TYPES)
+        rope = self.position_embedding_type == "rope"
+        if not rope and (self.rotary_percent != 1.0 or self.rope_scaling_type is not None):
+            raise ConfigError("--rotary-percent and --rope-scaling-type apply to RoPE only; add "
+                              "--position-embedding-type rope (or --use-rotary-position-embeddings)")
+        if rope and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            raise ConfigError(f"--rotary-percent {self.rotary_percent} rotates int({self.kv_channels} x "
+                              f"{self.rotary_percent}) = {self.rotary_dim} dims of each head; RoPE needs an even "
+                              f"number >= 2: choose a percent that gives one")
+        if self.rope_scaling_type is None:
+            return
+        if self.rope_scaling_factor < 1.0:
+            raise ConfigError(f"--rope-scaling-factor must be >= 1 (how many times longer the new context "
+                              f"is), got {self.rope_scaling_factor}")
+        if self.original_max_position_embeddings is not None and self.original_max_position_embeddings <= 0:
+            raise ConfigError("--original-max-position-embeddings must be positive")
+        if self.rope_scaling_type == "llama3" and self.llama3_high_freq_factor <= self.llama3_low_freq_factor:
+            raise ConfigError(f"--rope-llama3-high-freq-factor ({self.llama3_high_freq_factor}) must be larger "
+                              f"than --rope-llama3-low-freq-factor ({self.llama3_low_freq_factor})")
+
     @property
     def head_dim(self) -> int:
         return self.kv_channels
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones): int(head dim x rotary_percent)."""
+        return int(self.kv_channels * self.rotary_percent)
+
+    @property
+    def rope_original_length(self) -> int:
+        """The pretraining context that RoPE scaling starts from (transformers' default: max_position_embeddings)."""
+        return self.original_max_position_embeddings or self.max_position_embeddings
+
+    @property
+    def output_vocab_size(self) -> int:
+        """Tokens that take part in the softmax: the true (unpadded) vocabulary."""
+        return self.true_vocab_size or self.vocab_size
 
     @property
     def num_kv_heads(self) -> int:

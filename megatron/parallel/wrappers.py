@@ -89,6 +89,7 @@ class SequenceParallelInputs:
     """A forward pre-hook that turns a GPT model's inputs for one SP shard into what its layers need.
 
     * position ids, when not given: the global positions of the shard's tokens (the layout);
+    * `sequence_length`, when not given: the full sequence's, N = shard length x P;
     * `segment_ids` given as this shard's `[b, N/P]` ids: all-gathered over the SP group
       (one collective per micro-batch, on the ids' device) into the `Documents` of the full
       sequences; a `Documents` (what the data path builds from the EOD index) passes as is;
@@ -110,6 +111,8 @@ class SequenceParallelInputs:
             self._checked.add(local)
         if bound.arguments.get("position_ids") is None:
             bound.arguments["position_ids"] = self.positions(local, tokens.device).expand(b, local)
+        if "sequence_length" in self.signature.parameters and bound.arguments.get("sequence_length") is None:
+            bound.arguments["sequence_length"] = local * self.ps.sp_size  # the full sequence (dynamic RoPE)
         seg = bound.arguments.get("segment_ids")
         if seg is not None and not isinstance(seg, Documents):
             bound.arguments["segment_ids"] = self.documents(seg)
