@@ -74,7 +74,26 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--rope-theta", "--rotary-position-embeddings-theta", type=float, dest="rotary_base",
                    help="aliases of --rotary-base (--rotary-position-embeddings-theta is Megatron-DeepSpeed's name)")
     g.add_argument("--rotary-percent", type=float, default=1.0,
-                   help="fraction of each head's dimensions that RoPE rotates (only 1.0 is implemented yet)")
+                   help="fraction of each head's dimensions that RoPE rotates (GPT-NeoX style partial rotary: the "
+                        "first int(head dim x percent) dims, which must be even)")
+    g.add_argument("--rope-scaling-type", choices=["linear", "dynamic", "yarn", "llama3"],
+                   help="RoPE scaling as transformers' rope_scaling defines it: linear (position interpolation), "
+                        "dynamic (NTK, grows with the sequence length), yarn, llama3 (Llama 3.1)")
+    g.add_argument("--rope-scaling-factor", type=float,
+                   help="RoPE scaling factor: new context / original context (required with --rope-scaling-type)")
+    g.add_argument("--original-max-position-embeddings", type=int,
+                   help="the context the model was pretrained at, where RoPE scaling starts (required with "
+                        "--rope-scaling-type dynamic, yarn, llama3)")
+    g.add_argument("--rope-yarn-beta-fast", type=float, default=32.0, help="yarn: beta_fast (rotations)")
+    g.add_argument("--rope-yarn-beta-slow", type=float, default=1.0, help="yarn: beta_slow (rotations)")
+    g.add_argument("--rope-yarn-mscale", type=float, help="yarn: mscale (with --rope-yarn-mscale-all-dim)")
+    g.add_argument("--rope-yarn-mscale-all-dim", type=float, help="yarn: mscale_all_dim")
+    g.add_argument("--rope-yarn-no-truncate", action="store_false", dest="rope_yarn_truncate",
+                   help="yarn: do not round the correction range to whole dims (transformers' truncate=False)")
+    g.add_argument("--rope-attention-factor", type=float,
+                   help="yarn: scale of cos/sin (default 0.1 ln(factor) + 1, or the mscale ratio)")
+    g.add_argument("--rope-llama3-low-freq-factor", type=float, default=1.0, help="llama3: low_freq_factor")
+    g.add_argument("--rope-llama3-high-freq-factor", type=float, default=4.0, help="llama3: high_freq_factor")
     g.add_argument("--no-position-embedding", action="store_false", dest="add_position_embedding",
                    help="no learned absolute position embedding (= --position-embedding-type none unless RoPE)")
     g.add_argument("--normalization", default="LayerNorm", type=lambda s: _NORM_ALIASES.get(s.lower(), s),
@@ -82,6 +101,11 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float, default=1e-5,
                    help="epsilon of LayerNorm/RMSNorm (--layernorm-epsilon is upstream's name)")
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GeLU (Llama)")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="the tanh approximation of GeLU (OpenAI GPT-2's gelu_new), with or without biases")
+    g.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion",
+                   help="exact (erf) GeLU. Without it a GeLU MLP with biases computes the tanh approximation, as "
+                        "upstream's default fused bias-GeLU kernel does")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="a separate output projection instead of the input embedding")
     g.add_argument("--disable-bias-linear", action="store_true",
@@ -308,8 +332,11 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
     data = _data_config(args)
     train = _train_config(args)
     optim = _optim_config(args, train)
-    vocab = padded_vocab_size if padded_vocab_size is not None else _padded_vocab_size(data)
-    model = _model_config(args, vocab)
+    vocab, true_vocab = (padded_vocab_size, None) if padded_vocab_size is not None else _vocab_sizes(data)
+    model = _model_config(args, vocab, true_vocab)
+    if model.activation == "gelu_tanh" and not args.openai_gelu:
+        notes.append("GeLU: the tanh approximation, as upstream's default fused bias-GeLU kernel computes it; "
+                      "--no-bias-gelu-fusion selects the exact GeLU")
     parallel = ParallelConfig(sequence_parallel_size=args.ds_sequence_parallel_size,
                               ring_attention_size=args.ring_attention_size,
                               zero_stage=args.zero_stage, distributed_backend=args.distributed_backend,
@@ -568,7 +595,51 @@ def _optim_config(a: argparse.Namespace, train: TrainConfig) -> OptimConfig:
                        hysteresis=a.hysteresis)
 
 
-def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
+def _activation(a: argparse.Namespace) -> str:
+    """The MLP activation upstream's ParallelMLP computes for these flags: --openai-gelu (tanh), --onnx-safe
+    (exact), --swiglu, else F.gelu or, with biases and without --no-bias-gelu-fusion, the fused bias-GeLU
+    kernel, which computes the tanh approximation."""
+    if a.swiglu and a.openai_gelu:
+        raise ConfigError("--openai-gelu and --swiglu choose different MLPs; pass one of them")
+    if a.swiglu:
+        return "swiglu"
+    if a.openai_gelu:
+        return "gelu_tanh"
+    if getattr(a, "compat_onnx_safe", None) or a.disable_bias_linear or not a.bias_gelu_fusion:
+        return "gelu"
+    return "gelu_tanh"
+
+
+def _rope_fields(a: argparse.Namespace) -> dict:
+    kind = a.rope_scaling_type
+    fields = dict(rotary_percent=a.rotary_percent)
+    if kind is None:
+        given = [f for f, v in (("--rope-scaling-factor", a.rope_scaling_factor),
+                                ("--original-max-position-embeddings", a.original_max_position_embeddings))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} only act with --rope-scaling-type (linear, dynamic, yarn or "
+                              f"llama3); add it or drop them")
+        return fields
+    if a.position_embedding_type != "rope":
+        raise ConfigError(f"--rope-scaling-type {kind} needs rotary position embeddings: add "
+                          f"--position-embedding-type rope (or --use-rotary-position-embeddings)")
+    if a.rope_scaling_factor is None:
+        raise ConfigError(f"--rope-scaling-type {kind} needs --rope-scaling-factor (new context / original context, "
+                          f"e.g. 4 to train at 4x the pretraining length)")
+    if kind != "linear" and a.original_max_position_embeddings is None:
+        raise ConfigError(f"--rope-scaling-type {kind} needs --original-max-position-embeddings: the context the "
+                          f"model was pretrained at (where the scaling starts)")
+    return fields | dict(rope_scaling_type=kind, rope_scaling_factor=a.rope_scaling_factor,
+                         original_max_position_embeddings=a.original_max_position_embeddings,
+                         yarn_beta_fast=a.rope_yarn_beta_fast, yarn_beta_slow=a.rope_yarn_beta_slow,
+                         yarn_mscale=a.rope_yarn_mscale, yarn_mscale_all_dim=a.rope_yarn_mscale_all_dim,
+                         yarn_truncate=a.rope_yarn_truncate, rope_attention_factor=a.rope_attention_factor,
+                         llama3_low_freq_factor=a.rope_llama3_low_freq_factor,
+                         llama3_high_freq_factor=a.rope_llama3_high_freq_factor)
+
+
+def _model_config(a: argparse.Namespace, vocab_size: int, true_vocab_size: int | None = None) -> ModelConfig:
     ffn = a.ffn_hidden_size
     if ffn is None and a.swiglu:
         ffn = int(4 * a.hidden_size * 2 / 3 / 64) * 64 or 4 * a.hidden_size  # Megatron-LM's SwiGLU width
@@ -578,19 +649,27 @@ def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
         num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
         position_embedding_type=a.position_embedding_type, rotary_base=a.rotary_base,
         normalization=a.normalization, norm_epsilon=a.norm_epsilon,
-        activation="swiglu" if a.swiglu else "gelu", add_bias_linear=not a.disable_bias_linear,
+        activation=_activation(a), add_bias_linear=not a.disable_bias_linear,
         untie_embeddings_and_output_weights=a.untie_embeddings_and_output_weights,
         init_method_std=a.init_method_std, hidden_dropout=a.hidden_dropout,
-        attention_dropout=a.attention_dropout)
+        attention_dropout=a.attention_dropout,
+        true_vocab_size=true_vocab_size if true_vocab_size is not None and true_vocab_size < vocab_size else None,
+        **_rope_fields(a))
 
 
-def _padded_vocab_size(data: DataConfig) -> int:
+def _vocab_sizes(data: DataConfig) -> tuple[int, int]:
+    """(padded, true) vocabulary sizes of the tokenizer."""
     from megatron.data.tokenizers import TokenizerError  # noqa: PLC0415 (only when a vocab is needed)
 
     try:
-        return build_tokenizer(data).padded_vocab_size
+        tokenizer = build_tokenizer(data)
+        return tokenizer.padded_vocab_size, tokenizer.vocab_size
     except (TokenizerError, OSError) as e:
         raise ConfigError(str(e)) from e
+
+
+def _padded_vocab_size(data: DataConfig) -> int:
+    return _vocab_sizes(data)[0]
 
 
 def _int_like(text: str) -> int:

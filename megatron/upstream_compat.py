@@ -55,7 +55,12 @@ PARTIAL = {
     "--rampup-batch-size": (REJECTED, "batch-size ramp-up is not implemented; use a constant --global-batch-size"),
     "--sequence-parallel": (NO_EFFECT, SEQUENCE_PARALLEL_NOTE),
     "--attention-softmax-in-fp32": (NO_EFFECT, "softmax always runs in fp32 here"),
-    "--rotary-percent": (NOT_YET, "partial rotary embeddings; 1.0 (the default) is accepted"),
+    "--rotary-percent": (IMPLEMENTED, "GPT-NeoX style partial rotary: the first int(head dim x percent) dims rotate "
+                         "(upstream's rotary_dim)"),
+    "--no-bias-gelu-fusion": (IMPLEMENTED, "upstream's default GPT MLP (with biases) runs a fused bias-GeLU kernel "
+                              "that computes the tanh approximation of GeLU; the default here computes the same "
+                              "tanh GeLU, and this flag selects the exact (erf) GeLU, as upstream"),
+    "--openai-gelu": (IMPLEMENTED, "the tanh approximation of GeLU (OpenAI GPT-2's gelu_new)"),
     "--checkpoint-num-layers": (NOT_YET, "chunks of several recomputed layers; 1 (the default) is accepted"),
     "--ds-sequence-parallel-fpdt": (NOT_YET, "FPDT chunked Ulysses attention"),
     "--ds-sequence-parallel-fpdt-chunk-size": (NOT_YET, "FPDT chunked Ulysses attention; 65536 (the default) is "
@@ -158,8 +163,6 @@ FLAGS: list[CompatFlag] = [
     *_switches(NO_EFFECT, _KERNEL, "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
                "--no-bias-dropout-fusion", "--no-persist-layer-norm",
                "--disable-mem-efficient-ln", "--ds_fused_adam", "--no-contiguous-buffers-in-local-ddp"),
-    *_switches(NO_EFFECT, "upstream's fused bias-GeLU kernel computes the tanh approximation of GeLU; this flag "
-               "switches upstream to the exact GeLU, which is what runs here anyway", "--no-bias-gelu-fusion"),
     *_switches(NO_EFFECT, "query-key layer scaling only guards fp16 softmax overflow; softmax runs in fp32 here",
                "--no-query-key-layer-scaling", "--apply-query-key-layer-scaling"),
     *_switches(NO_EFFECT, "the learning-rate schedule always comes from the flags (an unchanged schedule resumes "
@@ -235,7 +238,8 @@ FLAGS: list[CompatFlag] = [
     *_switches(NO_EFFECT, _BERT_T5, "--bert-no-binary-head", "--output-bert-embeddings"),
     *_values(NO_EFFECT, _BERT_T5, "--bert-embedder-type", "--decoder-num-layers", "--decoder-seq-length",
              "--retriever-seq-length", "--sample-rate", "--mask-prob", "--short-seq-prob"),
-    *_values(NO_EFFECT, "ONNX export is not part of training", "--onnx-safe"),
+    *_values(NO_EFFECT, "ONNX export is not part of training; as upstream, a value selects the exact (erf) GeLU "
+             "instead of the fused tanh kernel", "--onnx-safe"),
     *_values(NO_EFFECT, _INFERENCE, "--inference-batch-times-seqlen-threshold", "--max-tokens-to-oom"),
     *_switches(NO_EFFECT, _BIENCODER, "--biencoder-shared-query-context-model", "--use-one-sent-docs",
                "--retriever-score-scaling"),
@@ -281,8 +285,6 @@ FLAGS: list[CompatFlag] = [
     *_switches(REJECTED, "post-LayerNorm residual ordering (original BERT) is not implemented; the model is "
                "pre-LayerNorm like upstream's GPT default; drop the flag",
                "--apply-residual-connection-post-layernorm"),
-    *_switches(REJECTED, "the tanh-approximated OpenAI GeLU is not implemented; drop the flag (exact GeLU)",
-               "--openai-gelu"),
     *_switches(REJECTED, "squared-ReLU MLPs are not implemented; use the default GeLU or --swiglu",
                "--squared-relu"),
     *_switches(REJECTED, "fp32 embedding weights under bf16/fp16 are not implemented; drop the flag",
@@ -397,7 +399,7 @@ def review(args: argparse.Namespace) -> list:
 
 # Flags parsed with upstream's type and default so that scripts run; features other parts of the code will
 # implement. A non-default value is refused until then (rather than silently training something else).
-NOT_YET_DEFAULTS = {"rotary_percent": 1.0, "checkpoint_num_layers": 1, "ds_sequence_parallel_fpdt": False,
+NOT_YET_DEFAULTS = {"checkpoint_num_layers": 1, "ds_sequence_parallel_fpdt": False,
                     "ds_sequence_parallel_fpdt_chunk_size": 65536, "ds_sequence_parallel_fpdt_offloading": False}
 
 

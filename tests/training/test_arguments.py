@@ -58,7 +58,7 @@ def test_hybrid_uneven_and_overlap_resolve():
 def test_model_families():
     g = cfg()
     assert (g.model.normalization, g.model.activation, g.model.position_embedding_type) == \
-        ("LayerNorm", "gelu", "learned_absolute")
+        ("LayerNorm", "gelu_tanh", "learned_absolute")  # upstream's default fused bias-GeLU is the tanh one
     ll = cfg("--normalization rmsnorm --swiglu --position-embedding-type rotary --untie-embeddings-and-output-weights "
              "--disable-bias-linear --group-query-attention --num-query-groups 2 --rotary-base 500000")
     m = ll.model
