@@ -165,7 +165,7 @@ def test_printed_flags_rebuild_the_same_model():
 ])
 def test_clear_errors(tool, argv, message, tmp_path, capsys):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    mixed = tiny_config("gpt3", position_embedding_type="rope")  # LayerNorm + RoPE: no HF class computes it
+    mixed = tiny_config("gpt3", activation="swiglu")  # LayerNorm + SwiGLU: no HF class computes it
     torch.save({"model": GPTModel(mixed).state_dict(), "config": model_config_to_dict(mixed)}, tmp_path / "mixed.pt")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
