@@ -59,3 +59,13 @@ def test_rope_scaling_and_partial_rotary_flags():
     assert "only act with --rope-scaling-type" in error(*ROPE, "--rope-scaling-factor", "2")
     assert "RoPE only" in error("--rotary-percent", "0.5")
     assert "even number" in error(*ROPE, "--rotary-percent", "0.2")  # 16 x 0.2 = 3 dims
+
+
+def test_memory_estimator_accepts_the_rope_fields():
+    """Partial rotary and RoPE scaling change no tensor the estimator counts."""
+    from megatron.planning.memory_estimate import estimate_memory
+
+    plain = model(*ROPE)
+    scaled = model(*ROPE, "--rotary-percent", "0.5", "--rope-scaling-type", "yarn", "--rope-scaling-factor", "4",
+                   "--original-max-position-embeddings", "16", "--openai-gelu")
+    assert estimate_memory(scaled, 1024)["peak"] == estimate_memory(plain, 1024)["peak"]
