@@ -1,0 +1,13 @@
+"""Inference with a trained (or imported) model: KV-cache generation with a sequence-parallel
+prefill, and long-context evaluation.
+
+    sampling.py      greedy / temperature / top-k / top-p, as transformers' logits warpers
+    generation.py    Generator: prefill (one process or Ulysses SP) + incremental decoding
+    checkpoint.py    load_model: any training checkpoint (any SP/DP/ZeRO layout) into one plain GPTModel
+"""
+
+from megatron.inference.generation import GenerationOutput, Generator, KVCache, generate
+from megatron.inference.sampling import SamplingConfig, choose_tokens, filter_logits
+
+__all__ = ["GenerationOutput", "Generator", "KVCache", "SamplingConfig", "choose_tokens", "filter_logits",
+           "generate"]
