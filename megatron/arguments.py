@@ -258,6 +258,16 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
                    help="0: iteration time; 1: plus per-phase timers; 2: finer timers")
     g.add_argument("--log-json", help="append one JSON object per logged event to this file")
+    g.add_argument("--long-context-eval-interval", type=int, default=0,
+                   help="every this many steps: loss by position (and passkey retrieval) at --seq-length, "
+                        "distributed like training, logged as long-context/* scalars (0: off)")
+    g.add_argument("--long-context-eval-data",
+                   help="a .bin/.idx prefix with documents of at least --seq-length + 1 tokens (default: the last "
+                        "documents of the first --data-path prefix)")
+    g.add_argument("--long-context-eval-documents", type=int, default=4, help="documents per long-context evaluation")
+    g.add_argument("--long-context-eval-passkey-lengths", type=int, nargs="*",
+                   help="passkey context lengths (default: --seq-length with a text tokenizer; none with "
+                        "--mock-data / NullTokenizer)")
     g.add_argument("--wandb-project", default="", help="log to this Weights & Biases project (needs the wandb "
                    "package; WANDB_MODE=offline works without a network)")
     g.add_argument("--wandb-exp-name", default="", help="the W&B run name (also turns W&B logging on)")
@@ -533,11 +543,46 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     if a.eval_iters < 0:
         raise ConfigError(f"--eval-iters must be >= 0, got {a.eval_iters}")
-    return TrainConfig(micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
+    lc = _long_context_eval(a)
+    return TrainConfig(**lc, micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
                        train_iters=a.train_iters, eval_interval=a.eval_interval, eval_iters=a.eval_iters,
                        train_samples=a.train_samples, dataset_train_iters=getattr(a, "dataset_train_iters", None),
                        seed=a.seed, exit_interval=a.exit_interval, exit_signal_handler=a.exit_signal_handler,
                        exit_duration_in_mins=a.exit_duration_in_mins)
+
+
+def _long_context_eval(a: argparse.Namespace) -> dict:
+    interval = a.long_context_eval_interval or 0
+    if interval < 0 or a.long_context_eval_documents < 1:
+        raise ConfigError("--long-context-eval-interval must be >= 0 and --long-context-eval-documents >= 1")
+    if not interval:
+        return {}
+    data = a.long_context_eval_data
+    if data is None:
+        prefixes = [x for x in a.data_path if not _is_number(x)]
+        if not prefixes:
+            raise ConfigError("--long-context-eval-interval needs documents: pass --long-context-eval-data PREFIX "
+                              "(a .bin/.idx prefix; --mock-data has none)")
+        data = prefixes[0]
+    lengths = a.long_context_eval_passkey_lengths
+    if lengths is None:
+        text = a.tokenizer_type not in (None, "NullTokenizer") and not (a.mock_data and a.tokenizer_type is None)
+        lengths = [a.seq_length] if text else []
+    from megatron.core.sequence_parallel.layout import check_seq_len  # noqa: PLC0415
+
+    for n in lengths:
+        check_seq_len(n, a.ds_sequence_parallel_size, a.ring_attention_size)
+    return dict(long_context_eval_interval=interval, long_context_eval_data=data,
+                long_context_eval_documents=a.long_context_eval_documents,
+                long_context_eval_passkey_lengths=tuple(lengths))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _checkpoint_config(a: argparse.Namespace, check_environment: bool) -> CheckpointConfig:

@@ -319,6 +319,11 @@ class TrainConfig:
     train_samples: int | None = None  # --train-samples as given; sizes the training set when set
     dataset_train_iters: int | None = None  # --train-iters or --train-samples // gbs, before the
     # --train-tokens cap (Megatron's args.train_iters); None: train_iters
+    # periodic long-context evaluation (megatron/inference/hook.py); 0: off
+    long_context_eval_interval: int = 0
+    long_context_eval_data: str | None = None  # a .bin/.idx prefix; None: the first --data-path prefix
+    long_context_eval_documents: int = 4
+    long_context_eval_passkey_lengths: tuple = ()
 
     def num_micro_batches(self, data_parallel_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)

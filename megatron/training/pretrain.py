@@ -86,6 +86,10 @@ def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_ho
                  seq_length=cfg.data.seq_length, dtype=cfg.optim.dtype_name)
     trainer = Trainer(cfg=cfg, model=model, optimizer=optimizer, parallel_state=ps, device=device, logger=logger,
                       start_time=start_time)
+    if cfg.train.long_context_eval_interval:
+        from megatron.inference.hook import LongContextEvalHook  # noqa: PLC0415
+
+        trainer.long_context_eval = LongContextEvalHook(cfg, ps, device, logger)
     ck = cfg.checkpoint
     saved_at = []  # iterations already on disk under --save (none written twice)
     first_run = ck.load and not os.path.exists(ck.load) and ck.save and \

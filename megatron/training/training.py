@@ -56,6 +56,7 @@ class Trainer:
     logger: RunLogger
     state: TrainState = field(default_factory=TrainState)
     start_time: float = field(default_factory=time.time)  # --exit-duration-in-mins counts from here
+    long_context_eval: object = None  # fn(trainer) every --long-context-eval-interval steps (inference/hook.py)
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -207,6 +208,8 @@ class Trainer:
                     (st.iteration % cfg.train.eval_interval == 0 or last):
                 self.logger.evaluation("valid", st.iteration, self.evaluate(valid_batches()),
                                        st.consumed_samples, st.consumed_tokens)
+            if self.long_context_eval is not None and st.iteration % cfg.train.long_context_eval_interval == 0:
+                self.long_context_eval(self)
             if save_fn is not None and cfg.checkpoint.save_interval and \
                     st.iteration % cfg.checkpoint.save_interval == 0 and not last:
                 save_fn(self)
