@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="append", default=[], metavar="LABEL=RESULTS.json",
                    help="draw this earlier result's loss curve next to the new one (repeatable)")
     g.add_argument("--label", default="", help="legend label of this run's curve")
+    g.add_argument("--trained-context", type=int,
+                   help="the context the model was trained at, marked on the loss plot (default: the checkpoint's)")
     return p
 
 
@@ -125,7 +127,7 @@ def evaluate(args) -> dict:
                                                                 ring_attention_size=args.ring_attention_size,
                                                                 attention_backend=args.attention_backend,
                                                                 zero_stage=0), device=device, data_parallel=False)
-    trained = ((loaded.run_config or {}).get("data") or {}).get("seq_length")
+    trained = args.trained_context or ((loaded.run_config or {}).get("data") or {}).get("seq_length")
     evaluator = LongContextEvaluator(model, state, device)
     result = {"checkpoint": loaded.path, "iteration": loaded.iteration, "sequence_parallel_size": sp,
               "ring_attention_size": args.ring_attention_size, "trained_context": trained,

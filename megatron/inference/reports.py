@@ -55,7 +55,7 @@ def plot_passkey(result: dict, path: str, title: str | None = None) -> str:
     plt = _pyplot()
     acc = result["accuracy"]  # [lengths][depths]
     lengths, depths = result["lengths"], result["depths"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(lengths), 1.2 + 0.45 * len(depths)), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 + 0.8 * len(lengths)), 1.4 + 0.45 * len(depths)), dpi=100)
     grid = [[acc[i][j] for i in range(len(lengths))] for j in range(len(depths))]  # rows: depths
     im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="upper")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])

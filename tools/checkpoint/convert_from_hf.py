@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--attention-dropout", type=float, help="stored in the config (default: the model's)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="dtype of the written weights (default fp32: master weights for training)")
+    p.add_argument("--flags-file", help="also write the model flags to train it with (one line) to this file, for scripts")
     p.add_argument("--accept-tanh-gelu", action="store_true",
                    help="no effect (kept for old scripts): tanh GeLU (gelu_new) converts exactly now")
     args = p.parse_args(argv)
@@ -163,9 +164,11 @@ def main(argv=None) -> int:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("train it with:\n  " + " ".join(megatron_flags(config)) +
-          f" --make-vocab-size-divisible-by {args.make_vocab_size_divisible_by or 1}"
-          + (f" --load {args.dcp} --finetune" if args.dcp else ""))
+    flags = megatron_flags(config) + ["--make-vocab-size-divisible-by", str(args.make_vocab_size_divisible_by or 1)]
+    print("train it with:\n  " + " ".join(flags) + (f" --load {args.dcp} --finetune" if args.dcp else ""))
+    if args.flags_file:
+        with open(args.flags_file, "w") as f:
+            f.write(" ".join(flags) + "\n")
     return 0
 
 
