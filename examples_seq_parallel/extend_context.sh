@@ -15,8 +15,9 @@
 #
 # Environment (defaults in brackets):
 #   HF_DIR           the Hugging Face model directory (required; nothing is downloaded)
-#   DATA_PATH        a .bin/.idx prefix tokenized with the model's tokenizer, with documents longer than the
-#                    new context for the evaluation (required)
+#   DATA_PATH        training data: a .bin/.idx prefix tokenized with the model's tokenizer, or Megatron's
+#                    "W1 PREFIX1 W2 PREFIX2" blend (required)
+#   EVAL_DATA_PATH   one prefix with documents longer than the new context, for loss by position [DATA_PATH]
 #   TOKENIZER_TYPE TOKENIZER_MODEL VOCAB_FILE MERGE_FILE VOCAB_SIZE   the tokenizer flags [HFTokenizer]
 #   ORIG_CONTEXT     the model's context [config.json's max_position_embeddings]   FACTOR [4]
 #   SCALING          linear | dynamic | yarn | llama3 [yarn]           ROTARY_BASE  a new RoPE base [keep]
@@ -64,7 +65,7 @@ read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
 evaluate() {  # evaluate CHECKPOINT OUTPUT_DIR LABEL [more flags]
   local ckpt=$1 out=$2 label=$3
   shift 3
-  run "${TORCHRUN[@]}" tools/evaluate_long_context.py --load "$ckpt" --data-path "$DATA_PATH" \
+  run "${TORCHRUN[@]}" tools/evaluate_long_context.py --load "$ckpt" --data-path "${EVAL_DATA_PATH:-$DATA_PATH}" \
     --seq-length "$NEW_CONTEXT" --num-documents "${EVAL_DOCS:-8}" "${PASSKEY_ARGS[@]}" "${EVAL_TOKENIZER[@]}" \
     --output-dir "$out" --tensorboard-dir "$OUT/tensorboard/$label" --label "$label" "$@" "${EVAL_EXTRA[@]}"
 }
@@ -82,6 +83,7 @@ evaluate "$OUT/imported" "$OUT/eval_before" "before" --trained-context "$ORIG_CO
 
 # 3. continue pretraining at FACTOR x the context: RoPE scaling from the original context, Ulysses SP
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
+read -r -a DATA_WORDS <<< "$DATA_PATH"
 rm -rf "$OUT/extended"
 run "${TORCHRUN[@]}" pretrain_gpt.py "${MODEL_FLAGS[@]}" \
   --seq-length "$NEW_CONTEXT" --max-position-embeddings "$NEW_CONTEXT" \
@@ -90,7 +92,7 @@ run "${TORCHRUN[@]}" pretrain_gpt.py "${MODEL_FLAGS[@]}" \
   --global-batch-size "${GLOBAL_BATCH:-$((NPROC / SP))}" --train-iters "${TRAIN_ITERS:-200}" \
   --lr "${LR:-2e-5}" --min-lr 0 --lr-decay-style cosine --lr-warmup-iters "${WARMUP:-0}" --weight-decay 0.0 \
   --hidden-dropout 0 --attention-dropout 0 --clip-grad 1.0 \
-  --data-path "$DATA_PATH" --split 98,2,0 "${TOKENIZER[@]}" \
+  --data-path "${DATA_WORDS[@]}" --split 98,2,0 "${TOKENIZER[@]}" \
   --load "$OUT/imported" --finetune --save "$OUT/extended" \
   --log-interval "${LOG_INTERVAL:-10}" --eval-iters 0 --tensorboard-dir "$OUT/tensorboard/train" \
   --log-json "$OUT/train_log.jsonl" "${EXTRA[@]}"
