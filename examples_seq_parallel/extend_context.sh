@@ -24,7 +24,7 @@
 #   NPROC [2]  SP [NPROC]  MICRO_BATCH [1]  GLOBAL_BATCH [NPROC/SP]  TRAIN_ITERS [200]  LR [2e-5]
 #   VOCAB_MULTIPLE   --make-vocab-size-divisible-by [128]
 #   PASSKEY          "" for the text passkey with the tokenizer, or a --passkey-synthetic spec [""]
-#   PASSKEY_TRIALS [5]  EVAL_DOCS [8]  OUT [runs/extend_context]
+#   PASSKEY_LENGTHS [ORIG_CONTEXT NEW_CONTEXT]  PASSKEY_TRIALS [5]  EVAL_DOCS [8]  OUT [runs/extend_context]
 #   EXTRA_ARGS       appended to pretrain_gpt.py (e.g. --bf16 --use-flash-attn-v2 --zero-stage 3)
 #   EVAL_ARGS        appended to both evaluations (e.g. --bf16)
 #   PYTHON           [.venv/bin/python]
@@ -59,7 +59,8 @@ TOKENIZER=(--tokenizer-type "$TOKENIZER_TYPE")
 [[ -n "${VOCAB_SIZE:-}" ]] && TOKENIZER+=(--vocab-size "$VOCAB_SIZE")
 EVAL_TOKENIZER=("${TOKENIZER[@]}")
 [[ "$TOKENIZER_TYPE" == HFTokenizer ]] && EVAL_TOKENIZER[1]=HuggingFaceTokenizer  # the tools' name
-PASSKEY_ARGS=(--passkey-lengths "$ORIG_CONTEXT" "$NEW_CONTEXT" --passkey-trials "${PASSKEY_TRIALS:-5}")
+read -r -a PASSKEY_LENGTHS <<< "${PASSKEY_LENGTHS:-$ORIG_CONTEXT $NEW_CONTEXT}"
+PASSKEY_ARGS=(--passkey-lengths "${PASSKEY_LENGTHS[@]}" --passkey-trials "${PASSKEY_TRIALS:-5}")
 [[ -n "${PASSKEY:-}" ]] && PASSKEY_ARGS+=(--passkey-synthetic "$PASSKEY")
 read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
 evaluate() {  # evaluate CHECKPOINT OUTPUT_DIR LABEL [more flags]
