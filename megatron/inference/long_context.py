@@ -148,7 +148,7 @@ class PasskeyTask:
                    question=tokenizer.tokenize(" " + QUESTION_TEXT),
                    answer=lambda key: tokenizer.tokenize(f" {key}"),
                    keys=lambda rng: int(rng.integers(10 ** (digits - 1), 10 ** digits)),
-                   chance=10.0 ** -digits, name="passkey (text)")
+                   chance=1.0 / (9 * 10 ** (digits - 1)), name="passkey (text)")
 
     @classmethod
     def synthetic(cls, marker: int, digits: tuple, filler: tuple, key_length: int = 1) -> PasskeyTask:
