@@ -22,6 +22,7 @@
 #   ORIG_CONTEXT     the model's context [config.json's max_position_embeddings]   FACTOR [4]
 #   SCALING          linear | dynamic | yarn | llama3 [yarn]           ROTARY_BASE  a new RoPE base [keep]
 #   NPROC [2]  SP [NPROC]  MICRO_BATCH [1]  GLOBAL_BATCH [NPROC/SP]  TRAIN_ITERS [200]  LR [2e-5]
+#   EVAL_NPROC       ranks of the evaluations (one SP group) [NPROC]; 1 runs them in one plain process
 #   VOCAB_MULTIPLE   --make-vocab-size-divisible-by [128]
 #   PASSKEY          "" for the text passkey with the tokenizer, or a --passkey-synthetic spec [""]
 #   PASSKEY_LENGTHS [ORIG_CONTEXT NEW_CONTEXT]  PASSKEY_TRIALS [5]  EVAL_DOCS [8]  OUT [runs/extend_context]
@@ -63,10 +64,17 @@ read -r -a PASSKEY_LENGTHS <<< "${PASSKEY_LENGTHS:-$ORIG_CONTEXT $NEW_CONTEXT}"
 PASSKEY_ARGS=(--passkey-lengths "${PASSKEY_LENGTHS[@]}" --passkey-trials "${PASSKEY_TRIALS:-5}")
 [[ -n "${PASSKEY:-}" ]] && PASSKEY_ARGS+=(--passkey-synthetic "$PASSKEY")
 read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
+EVAL_NPROC=${EVAL_NPROC:-$NPROC}
+if [[ "$EVAL_NPROC" == 1 ]]; then
+  EVAL_LAUNCH=(env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PYTHON")
+else
+  EVAL_LAUNCH=(env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PYTHON" -m torch.distributed.run --standalone
+               --nproc-per-node "$EVAL_NPROC")
+fi
 evaluate() {  # evaluate CHECKPOINT OUTPUT_DIR LABEL [more flags]
   local ckpt=$1 out=$2 label=$3
   shift 3
-  run "${TORCHRUN[@]}" tools/evaluate_long_context.py --load "$ckpt" --data-path "${EVAL_DATA_PATH:-$DATA_PATH}" \
+  run "${EVAL_LAUNCH[@]}" tools/evaluate_long_context.py --load "$ckpt" --data-path "${EVAL_DATA_PATH:-$DATA_PATH}" \
     --seq-length "$NEW_CONTEXT" --num-documents "${EVAL_DOCS:-8}" "${PASSKEY_ARGS[@]}" "${EVAL_TOKENIZER[@]}" \
     --output-dir "$out" --tensorboard-dir "$OUT/tensorboard/$label" --label "$label" "$@" "${EVAL_EXTRA[@]}"
 }
