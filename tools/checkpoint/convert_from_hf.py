@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make `megatron` and `tools` im
 
 import torch
 
-from megatron.checkpoint_conversion import ConversionError, from_hf, hf_model_type
+from megatron.checkpoint.hf import ConversionError, from_hf, hf_model_type
 from megatron.config import ModelConfig
 from tools.checkpoint.convert_to_torch import (
     DTYPES,

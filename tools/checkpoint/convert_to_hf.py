@@ -20,7 +20,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `megatron` and `tools` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron.checkpoint_conversion import ConversionError, to_hf
+from megatron.checkpoint.hf import ConversionError, to_hf
 from tools.checkpoint.convert_to_torch import (
     DTYPES,
     add_load_args,

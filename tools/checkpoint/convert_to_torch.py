@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make `megatron` and `tools` im
 
 import torch
 
-from megatron.checkpoint_conversion import ConversionError, model_config_from_dict, model_config_to_dict
+from megatron.checkpoint.hf import ConversionError, model_config_from_dict, model_config_to_dict
 from megatron.config import ModelConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"  # same name as megatron.training.checkpointing
@@ -228,7 +228,7 @@ def _read_json(path: str):
 
 def check_against_model(state_dict: dict, config: ModelConfig) -> None:
     """Fail now, with names, if the tensors are not exactly what `GPTModel(config)` holds."""
-    from megatron.checkpoint_conversion.common import check_keys, check_shape  # noqa: PLC0415
+    from megatron.checkpoint.hf.common import check_keys, check_shape  # noqa: PLC0415
     from megatron.model import GPTModel  # noqa: PLC0415
 
     with torch.device("meta"):  # shapes only
