@@ -253,6 +253,12 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
                    help="after each save, delete all but the K newest iter_* directories under --save")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="refuse to start when --load holds no checkpoint (instead of training from scratch)")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="let this run replace checkpoints under --save that it did not start from (those "
+                        "newer than the loaded iteration); without it such a run stops before training")
+    g.add_argument("--load-fallback", action="store_true",
+                   help="if the checkpoint to load is damaged or incomplete, load the newest complete one "
+                        "before it (the damaged directory is renamed *.damaged, never deleted)")
 
     upstream_compat.add_to_parser(p)
     if extra_args_provider is not None:
@@ -535,7 +541,8 @@ def _checkpoint_config(a: argparse.Namespace, check_environment: bool) -> Checkp
                           f"or drop --exit-on-missing-checkpoint to start from scratch")
     return CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, no_save_optim=a.no_save_optim,
                             no_load_optim=a.no_load_optim, no_save_rng=a.no_save_rng, no_load_rng=a.no_load_rng,
-                            finetune=a.finetune, keep_last=a.keep_last_checkpoints)
+                            finetune=a.finetune, keep_last=a.keep_last_checkpoints,
+                            overwrite_checkpoints=a.overwrite_checkpoints, load_fallback=a.load_fallback)
 
 
 def _wandb_settings(a: argparse.Namespace, check_environment: bool) -> dict:
