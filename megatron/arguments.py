@@ -113,6 +113,9 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
                    help="on SIGTERM, finish the current iteration, save a checkpoint to --save and exit 0")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"],
                    help="adam and adamw are both AdamW (decoupled weight decay, as upstream's adam); sgd is refused")
+    g.add_argument("--optimizer-impl", default="torch", choices=["torch", "apex"],
+                   help="torch: torch.optim.AdamW (fused kernel, foreach under FSDP); apex: NVIDIA apex "
+                        "FusedAdam (CUDA, ZeRO stage 0 or 1 only)")
     g.add_argument("--lr", type=float, help="peak learning rate (required)")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
     g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES,
@@ -311,6 +314,7 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
     dp = world_size // args.ds_sequence_parallel_size
     _resolve_batch(args, dp)
     _validate_precision_and_backend(args, check_environment)
+    _validate_optimizer_impl(args, check_environment)
     data = _data_config(args)
     train = _train_config(args)
     optim = _optim_config(args, train)
@@ -572,7 +576,21 @@ def _optim_config(a: argparse.Namespace, train: TrainConfig) -> OptimConfig:
                        adam_eps=a.adam_eps, clip_grad=a.clip_grad, fp16=a.fp16, bf16=a.bf16,
                        loss_scale=a.loss_scale, initial_loss_scale=a.initial_loss_scale,
                        min_loss_scale=a.min_loss_scale, loss_scale_window=a.loss_scale_window,
-                       hysteresis=a.hysteresis)
+                       hysteresis=a.hysteresis, optimizer_impl=a.optimizer_impl)
+
+
+def _validate_optimizer_impl(a: argparse.Namespace, check_environment: bool) -> None:
+    """apex FusedAdam only when asked for, only where it works (plain-tensor stages, CUDA, a CUDA build)."""
+    if a.optimizer_impl != "apex":
+        return
+    if a.zero_stage not in (0, 1):
+        raise ConfigError(f"--optimizer-impl apex works with --zero-stage 0 or 1 (plain parameters), got "
+                          f"--zero-stage {a.zero_stage}, whose FSDP parameters apex cannot step; drop "
+                          f"--optimizer-impl apex (the default torch AdamW is fused too)")
+    if check_environment:
+        from megatron.training import optimizer  # noqa: PLC0415 (imports torch; keep --help fast)
+
+        optimizer.apex_fused_adam()  # raises ConfigError naming what is missing
 
 
 def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
