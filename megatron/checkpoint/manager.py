@@ -25,6 +25,7 @@ Every error a user can fix is a CheckpointError.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -202,23 +203,21 @@ class CheckpointManager:
             return [r for r in range(self.ranks.world) if f"rank_{r:05d}" not in seen]
 
         absent = self._on_rank0(missing)
-        try:  # each rank removes its marker (a node-local directory has only its own)
+        with contextlib.suppress(OSError):  # each rank removes its marker (a node-local directory has only its own)
             os.remove(os.path.join(check, f"rank_{self.ranks.rank:05d}"))
-        except OSError:
-            pass
         self.ranks.gather(None)
         if self.ranks.rank == 0 or absent:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(check)
-            except OSError:
-                pass
         if absent:
-            others = sorted({hosts[r] for r in absent})
-            raise CheckpointError(
-                f"--save {root} is not one directory shared by all ranks: rank 0 (on {hosts[0]}) does not see the "
-                f"files that ranks {absent[:8]}{' ...' if len(absent) > 8 else ''} (on {', '.join(others)}) wrote "
-                f"there. Every rank writes its own shards and rank 0 renames the checkpoint, so --save must be on a "
-                f"file system that all nodes mount at the same path (NFS, Lustre, GPFS); pass such a path")
+            def message():  # rank 0's view, the same text on every rank
+                others = sorted({hosts[r] for r in absent})
+                return (f"--save {root} is not one directory shared by all ranks: rank 0 (on {hosts[0]}) does not "
+                        f"see the files that ranks {absent[:8]}{' ...' if len(absent) > 8 else ''} (on "
+                        f"{', '.join(others)}) wrote there. Every rank writes its own shards and rank 0 renames the "
+                        f"checkpoint, so --save must be on a file system that all nodes mount at the same path (NFS, "
+                        f"Lustre, GPFS); pass such a path")
+            raise CheckpointError(self._on_rank0(message))
 
     # ------------------------------------------------------------------ parts
 

@@ -18,6 +18,7 @@ file is still in the page cache: cost measured in benchmarks/bench_checkpoint_ch
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -85,22 +86,34 @@ def _is_no_space(e: BaseException) -> bool:
     return False
 
 
-def _describe(e: BaseException | None) -> dict | None:
+def _describe(e: BaseException | None, rank: int) -> dict | None:
     """A picklable summary of a failure on this rank (exceptions of other ranks inside DCP included)."""
     if e is None:
         return None
-    parts = [(r, x) for r, x in _dcp_failures(e)]
-    text = "; ".join((f"rank {r}: " if r is not None else "") + f"{type(x).__name__}: {fmt._first_line(x)}"
-                     for r, x in parts)
+    parts = [(rank if r is None else r, x) for r, x in _dcp_failures(e)]
     user = isinstance(e, CheckpointError)
-    return {"text": str(e) if user else text, "no_space": any(_is_no_space(x) for _, x in parts), "user": user}
+    return {"user": str(e) if user else None, "no_space": any(_is_no_space(x) for _, x in parts),
+            "errors": [(r, f"{type(x).__name__}: {fmt._first_line(x)}") for r, x in parts]}
 
 
-def _raise_agreed(results: list, what) -> None:
-    """Raise on every rank if any rank failed (`results` is the gathered list of _describe outputs)."""
-    failed = [(r, d) for r, d in enumerate(results) if d]
-    if failed:
-        raise what(failed)
+def _out_of_space(directory: str) -> bool:
+    """Whether writing 1 MiB more into `directory` fails for lack of space or quota. A full disk
+    does not always surface as ENOSPC: torch.save's zip writer reports a short write as
+    RuntimeError("[enforce fail at inline_container.cc] unexpected pos")."""
+    probe = os.path.join(directory, ".space-probe")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, bytes(1 << 20))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return False
+    except OSError as e:
+        return e.errno in _NO_SPACE
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
 
 
 # ------------------------------------------------------------------------------ directory operations (rank 0)
@@ -201,7 +214,7 @@ def write_checkpoint(root: str, iteration: int, state: dict, *, rank_files: dict
                                       f"write (pass --overwrite-checkpoints to allow it, or choose another --save)")
         except Exception as e:  # noqa: BLE001 (every rank must learn of it)
             err = e
-    _raise_agreed(ranks.gather(_describe(err)), lambda f: _save_failed(root, iteration, f, tmp_removed=False))
+    _fail_if_any(ranks, ranks.gather(_describe(err, ranks.rank)), root, iteration, tmp)
 
     # every rank: shards, own files, checksums of what it wrote
     sums: dict = {}
@@ -223,14 +236,8 @@ def write_checkpoint(root: str, iteration: int, state: dict, *, rank_files: dict
             sums[rel] = {"size": size, "crc32": crc}
     except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP's is a BaseException)
         err = e
-    gathered = ranks.gather((_describe(err), sums))
-
-    def cleanup_and_fail(failed):
-        if ranks.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return _save_failed(root, iteration, failed, tmp_removed=True)
-
-    _raise_agreed([d for d, _ in gathered], cleanup_and_fail)
+    gathered = ranks.gather((_describe(err, ranks.rank), sums))
+    _fail_if_any(ranks, [d for d, _ in gathered], root, iteration, tmp)
 
     # rank 0: config.json, checksums.json, fsync, rename, tracker, retention
     err = None
@@ -261,10 +268,9 @@ def write_checkpoint(root: str, iteration: int, state: dict, *, rank_files: dict
         except Exception as e:  # noqa: BLE001
             err = e
             if renamed:  # the tracker was not replaced: take the new directory back out of sight
-                shutil.rmtree(final, ignore_errors=True)
+                os.rename(final, tmp)
                 if os.path.exists(final + fmt.OLD):
                     os.rename(final + fmt.OLD, final)
-            shutil.rmtree(tmp, ignore_errors=True)
         if err is None:
             for it in remove_after or ():
                 if it != iteration and os.path.isdir(fmt.checkpoint_dir(root, it)):
@@ -274,17 +280,35 @@ def write_checkpoint(root: str, iteration: int, state: dict, *, rank_files: dict
             if keep_last:
                 prune(root, keep_last, {iteration}, log)
             log(f"saved checkpoint at iteration {iteration} to {final}")
-    _raise_agreed(ranks.gather(_describe(err)), lambda f: _save_failed(root, iteration, f, tmp_removed=True))
+    _fail_if_any(ranks, ranks.gather(_describe(err, ranks.rank)), root, iteration, tmp)
     return final
 
 
-def _save_failed(root: str, iteration: int, failed: list, tmp_removed: bool) -> CheckpointError:
-    user = [d["text"] for _, d in failed if d.get("user")]
+def _fail_if_any(ranks: _Ranks, results: list, root: str, iteration: int, tmp: str) -> None:
+    """If any rank failed (`results`: the gathered _describe outputs), remove the unfinished
+    directory and raise the same CheckpointError on every rank."""
+    failed = [d for d in results if d]
+    if not failed:
+        return
+    no_space = any(d["no_space"] for d in failed)
+    removed = False
+    if ranks.rank == 0:
+        if not no_space and not any(d["user"] for d in failed):
+            no_space = _out_of_space(tmp if os.path.isdir(tmp) else root)
+        removed = os.path.isdir(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    no_space, removed = ranks.gather((no_space, removed))[0]
+    raise _save_failed(root, iteration, failed, no_space, removed)
+
+
+def _save_failed(root: str, iteration: int, failed: list, no_space: bool, tmp_removed: bool) -> CheckpointError:
+    user = [d["user"] for d in failed if d["user"]]
     if user:
         return CheckpointError(user[0])
-    where = "; ".join(f"rank {r}: {d['text']}" for r, d in failed[:4])
+    errors = sorted({e for d in failed for e in d["errors"]})  # DCP reports every rank's failure on each rank
+    where = "; ".join(f"rank {r}: {text}" for r, text in errors[:4]) + (" ..." if len(errors) > 4 else "")
     removed = f"the unfinished {fmt.checkpoint_dir(root, iteration)}{fmt.TMP} was removed; " if tmp_removed else ""
-    if any(d["no_space"] for _, d in failed):
+    if no_space:
         free = ""
         try:
             st = os.statvfs(root)
@@ -356,8 +380,9 @@ def read_state(path: str, state: dict, *, no_dist: bool = False) -> None:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(state, checkpoint_id=path, no_dist=not ranks.dist)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP's is a BaseException)
-        d = _describe(e)
-        raise DamagedCheckpoint(path, [f"reading it failed ({d['text']})"]) from None
+        errors = sorted(set(_describe(e, 0)["errors"]))
+        raise DamagedCheckpoint(path, ["reading it failed (" + "; ".join(f"rank {r}: {t}" for r, t in errors[:4])
+                                       + ")"]) from None
 
 
 def read_full(path: str, roots: set | None = None, *, verify: bool = True) -> dict:
