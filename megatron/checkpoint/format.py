@@ -227,9 +227,17 @@ def resolve_load(load: str) -> Target | None:
     newest complete directory, with a note) or one `iter_XXXXXXX` directory. The target is
     not checked here beyond existing: see check_complete.
     """
+    if os.path.isfile(load):
+        raise CheckpointError(f"--load {load} is a file; --load takes the --save directory of an earlier run or one "
+                              f"of its iter_XXXXXXX directories (turn a consolidated .pt or a Hugging Face model into "
+                              f"one with tools/checkpoint/convert_from_hf.py --dcp DIR)")
     if not os.path.isdir(load):
         raise CheckpointError(f"--load {load}: no such directory; pass the --save directory of an earlier run, "
                               f"or one of its iter_XXXXXXX directories")
+    name = os.path.basename(os.path.normpath(load))
+    if name.endswith(TMP) and iteration_of(name[:-len(TMP)]) is not None:
+        raise CheckpointError(f"--load {load} is a save that never finished (killed before its rename); pass its "
+                              f"directory {os.path.dirname(os.path.abspath(load))} to load the last complete checkpoint")
     it = iteration_of(load)
     if it is not None or os.path.isfile(os.path.join(load, METADATA)):
         # one checkpoint directory, named directly
@@ -244,6 +252,14 @@ def resolve_load(load: str) -> Target | None:
         return Target(load, path, tracked)
     its = iteration_dirs(load)
     if not its:
+        # nothing to load: fine for a --save directory that never got a checkpoint (left-overs of
+        # killed saves at most), but a directory of other files is a wrong path, not a fresh start
+        other = sorted(n for n in os.listdir(load) if not (n.startswith(".") or n.endswith(TMP) or n == TRACKER))
+        if other:
+            shown = ", ".join(other[:5]) + (" ..." if len(other) > 5 else "")
+            raise CheckpointError(f"--load {load} holds no checkpoint (no {TRACKER}, no iter_XXXXXXX directory, no "
+                                  f"{METADATA}) but other files ({shown}); pass the --save directory of an earlier "
+                                  f"run or one of its iter_XXXXXXX directories, or drop --load to start from scratch")
         return None
     newest = newest_complete(load)
     if newest is None:

@@ -83,6 +83,9 @@ class CheckpointManager:
                 result = fn()
             except CheckpointError as e:
                 err = e
+            except OSError as e:  # an unreadable or unwritable path is a user error too
+                err = CheckpointError(f"{e.filename or 'a checkpoint path'}: {e.strerror or e}; check the path and "
+                                      f"its permissions")
         if self.no_dist:
             if err is not None:
                 raise err
@@ -291,7 +294,11 @@ class CheckpointManager:
         file = fmt.rng_file(path, self.ranks.rank)
         if not os.path.isfile(file):
             return "RNG not restored: the checkpoint has no RNG states (--no-save-rng)"
-        state = torch.load(file, weights_only=True)
+        try:
+            state = torch.load(file, weights_only=True)
+        except Exception as e:  # noqa: BLE001 (checkpoints without checksums.json are not verified)
+            raise CheckpointError(f"{file} cannot be read ({type(e).__name__}); the checkpoint is damaged: "
+                                  f"pass --no-load-rng to load it without RNG states") from e
         why = self.rng.mismatch(state, saved_world)
         if why is not None:
             return f"RNG not restored: {why}; each rank continues with the stream this run seeded"
