@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         t_verify_warm, _ = _timed(lambda: verify_checksums(path, sorted(sums), sums, no_dist=True))
         _evict(path)
         t_verify_cold, _ = _timed(lambda: verify_checksums(path, sorted(sums), sums, no_dist=True))
-        del state
+        state["model"].clear()  # free the tensors before the load allocates its own
         t_load, _ = _timed(lambda: read_full(path, verify=False))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from megatron import upstream_compat
+from megatron.checkpoint.format import holds_checkpoint
 from megatron.config import (
     ATTENTION_BACKENDS,
     LR_DECAY_STYLES,
@@ -538,11 +539,11 @@ def _checkpoint_config(a: argparse.Namespace, check_environment: bool) -> Checkp
             os.path.abspath(a.load) != os.path.abspath(a.save or ""):
         raise ConfigError(f"--load {a.load}: no such directory; pass the --save directory of an earlier run "
                           f"(it holds latest_checkpointed_iteration.txt), or drop --load to start from scratch")
-    if check_environment and a.exit_on_missing_checkpoint and a.load and \
-            not os.path.isfile(os.path.join(a.load, "latest_checkpointed_iteration.txt")):
+    if check_environment and a.exit_on_missing_checkpoint and a.load and not holds_checkpoint(a.load):
         raise ConfigError(f"--exit-on-missing-checkpoint: --load {a.load} holds no checkpoint "
-                          f"(no latest_checkpointed_iteration.txt); pass the --save directory of an earlier run, "
-                          f"or drop --exit-on-missing-checkpoint to start from scratch")
+                          f"(no latest_checkpointed_iteration.txt, iter_XXXXXXX directory or .metadata); pass the "
+                          f"--save directory of an earlier run, or drop --exit-on-missing-checkpoint to start from "
+                          f"scratch")
     return CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, no_save_optim=a.no_save_optim,
                             no_load_optim=a.no_load_optim, no_save_rng=a.no_save_rng, no_load_rng=a.no_load_rng,
                             finetune=a.finetune, keep_last=a.keep_last_checkpoints,

@@ -84,6 +84,12 @@ def found(root: str) -> str:
     return "complete iteration directories here: " + (", ".join(map(str, its)) if its else "none")
 
 
+def holds_checkpoint(path: str) -> bool:
+    """Whether `path` is a checkpoint directory or a --save root with a tracker or an iteration directory."""
+    return (os.path.isfile(os.path.join(path, TRACKER)) or os.path.isfile(os.path.join(path, METADATA))
+            or bool(iteration_dirs(path)))
+
+
 def same_dir(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
 
