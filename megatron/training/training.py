@@ -27,7 +27,7 @@ from megatron.planning.flops import device_peak_tflops, flops_per_step
 from megatron.training.loss import check_tokens, global_token_count, loss_for_backward, masked_loss_sum
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import RunLogger, peak_memory_bytes
-from megatron.training.optimizer import clip_gradients_, global_grad_norm
+from megatron.training.optimizer import clip_gradients_, global_grad_norm, zero_grad
 from megatron.training.precision import autocast_context, build_loss_scaler, local_grads, unscale_
 from megatron.training.timers import Timers
 
@@ -133,7 +133,7 @@ class Trainer:
                 self.state.applied_steps += 1
             self.scaler.update(found_inf)
             self.memory = memory_breakdown(self.model, self.optimizer)  # grads still held: the peak at rest
-            self.optimizer.zero_grad(set_to_none=True)
+            zero_grad(self.optimizer)  # apex FusedAdam.zero_grad() takes no set_to_none
         if ps.sdp_size > 1:
             comm.all_reduce(loss_sum, group=ps.sdp_group, kind="all_reduce_loss")
         tokens = float(num_tokens.item())  # the step's one read of the loss (logging needs it anyway)
