@@ -20,8 +20,8 @@ from megatron.config import RunConfig
 from megatron.core import comm
 from megatron.initialize import initialize_megatron, set_seed
 from megatron.parallel import parallelize_gpt
-from megatron.parallel.parallelize import built_rank_facts
 from megatron.parallel.data_parallel import zero_formula_bytes
+from megatron.parallel.parallelize import built_rank_facts
 from megatron.training.metrics import RunLogger
 from megatron.training.optimizer import build_optimizer
 from megatron.training.training import Trainer
