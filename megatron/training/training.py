@@ -95,8 +95,11 @@ class Trainer:
 
     def _forward(self, mb: dict) -> torch.Tensor:
         with autocast_context(self.cfg.optim, self.device.type):
+            # the data path's Documents (whole-sample boundaries) spare the model a collective and
+            # a host sync per micro-batch; shard ids are the fallback for other data providers
+            docs = mb.get("documents")
             return self.model(mb["tokens"], mb.get("position_ids"), labels=mb["labels"],
-                              segment_ids=mb.get("segment_ids"))
+                              segment_ids=docs if docs is not None else mb.get("segment_ids"))
 
     def train_step(self, micro_batches: list) -> dict:
         ps, cfg, timers = self.parallel_state, self.cfg, self.timers
