@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from megatron import upstream_compat
+from megatron.checkpoint.format import holds_checkpoint
 from megatron.config import (
     ATTENTION_BACKENDS,
     LR_DECAY_STYLES,
@@ -113,6 +114,9 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
                    help="on SIGTERM, finish the current iteration, save a checkpoint to --save and exit 0")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"],
                    help="adam and adamw are both AdamW (decoupled weight decay, as upstream's adam); sgd is refused")
+    g.add_argument("--optimizer-impl", default="torch", choices=["torch", "apex"],
+                   help="torch: torch.optim.AdamW (fused kernel, foreach under FSDP); apex: NVIDIA apex "
+                        "FusedAdam (CUDA, ZeRO stage 0 or 1 only)")
     g.add_argument("--lr", type=float, help="peak learning rate (required)")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
     g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES,
@@ -253,6 +257,12 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
                    help="after each save, delete all but the K newest iter_* directories under --save")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="refuse to start when --load holds no checkpoint (instead of training from scratch)")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="let this run replace checkpoints under --save that it did not start from (those "
+                        "newer than the loaded iteration); without it such a run stops before training")
+    g.add_argument("--load-fallback", action="store_true",
+                   help="if the checkpoint to load is damaged or incomplete, load the newest complete one "
+                        "before it (the damaged directory is renamed *.damaged, never deleted)")
 
     upstream_compat.add_to_parser(p)
     if extra_args_provider is not None:
@@ -305,6 +315,7 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
     dp = world_size // args.ds_sequence_parallel_size
     _resolve_batch(args, dp)
     _validate_precision_and_backend(args, check_environment)
+    _validate_optimizer_impl(args, check_environment)
     data = _data_config(args)
     train = _train_config(args)
     optim = _optim_config(args, train)
@@ -528,14 +539,15 @@ def _checkpoint_config(a: argparse.Namespace, check_environment: bool) -> Checkp
             os.path.abspath(a.load) != os.path.abspath(a.save or ""):
         raise ConfigError(f"--load {a.load}: no such directory; pass the --save directory of an earlier run "
                           f"(it holds latest_checkpointed_iteration.txt), or drop --load to start from scratch")
-    if check_environment and a.exit_on_missing_checkpoint and a.load and \
-            not os.path.isfile(os.path.join(a.load, "latest_checkpointed_iteration.txt")):
+    if check_environment and a.exit_on_missing_checkpoint and a.load and not holds_checkpoint(a.load):
         raise ConfigError(f"--exit-on-missing-checkpoint: --load {a.load} holds no checkpoint "
-                          f"(no latest_checkpointed_iteration.txt); pass the --save directory of an earlier run, "
-                          f"or drop --exit-on-missing-checkpoint to start from scratch")
+                          f"(no latest_checkpointed_iteration.txt, iter_XXXXXXX directory or .metadata); pass the "
+                          f"--save directory of an earlier run, or drop --exit-on-missing-checkpoint to start from "
+                          f"scratch")
     return CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, no_save_optim=a.no_save_optim,
                             no_load_optim=a.no_load_optim, no_save_rng=a.no_save_rng, no_load_rng=a.no_load_rng,
-                            finetune=a.finetune, keep_last=a.keep_last_checkpoints)
+                            finetune=a.finetune, keep_last=a.keep_last_checkpoints,
+                            overwrite_checkpoints=a.overwrite_checkpoints, load_fallback=a.load_fallback)
 
 
 def _wandb_settings(a: argparse.Namespace, check_environment: bool) -> dict:
@@ -565,7 +577,21 @@ def _optim_config(a: argparse.Namespace, train: TrainConfig) -> OptimConfig:
                        adam_eps=a.adam_eps, clip_grad=a.clip_grad, fp16=a.fp16, bf16=a.bf16,
                        loss_scale=a.loss_scale, initial_loss_scale=a.initial_loss_scale,
                        min_loss_scale=a.min_loss_scale, loss_scale_window=a.loss_scale_window,
-                       hysteresis=a.hysteresis)
+                       hysteresis=a.hysteresis, optimizer_impl=a.optimizer_impl)
+
+
+def _validate_optimizer_impl(a: argparse.Namespace, check_environment: bool) -> None:
+    """apex FusedAdam only when asked for, only where it works (plain-tensor stages, CUDA, a CUDA build)."""
+    if a.optimizer_impl != "apex":
+        return
+    if a.zero_stage not in (0, 1):
+        raise ConfigError(f"--optimizer-impl apex works with --zero-stage 0 or 1 (plain parameters), got "
+                          f"--zero-stage {a.zero_stage}, whose FSDP parameters apex cannot step; drop "
+                          f"--optimizer-impl apex (the default torch AdamW is fused too)")
+    if check_environment:
+        from megatron.training import optimizer  # noqa: PLC0415 (imports torch; keep --help fast)
+
+        optimizer.apex_fused_adam()  # raises ConfigError naming what is missing
 
 
 def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:

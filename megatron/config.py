@@ -17,7 +17,12 @@ ATTENTION_BACKENDS = ("classic", "sdpa", "flash-attn", "triton")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error the user can fix (bad flags, a damaged or mismatched checkpoint): the message says
+    what is wrong and how to fix it, and the command line prints it once, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot work; the message names the field and the fix."""
 
 
@@ -171,7 +176,7 @@ def _choice(name: str, value, allowed) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {list(allowed)}, got {value!r}")
 
 
-__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "field"]
+__all__ = ["UserError", "ConfigError", "ModelConfig", "ParallelConfig", "field"]
 
 
 # --------------------------------------------------------------------------------------
@@ -181,6 +186,7 @@ __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "field"]
 # --------------------------------------------------------------------------------------
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+OPTIMIZER_IMPLS = ("torch", "apex")
 
 
 @dataclass(frozen=True)
@@ -230,8 +236,10 @@ class OptimConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
     hysteresis: int = 2
+    optimizer_impl: str = "torch"  # --optimizer-impl: "torch" (fused AdamW) or "apex" (FusedAdam, asked for)
 
     def __post_init__(self) -> None:
+        _choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
         _choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are mutually exclusive: pass at most one of them")
@@ -267,7 +275,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """Where checkpoints go; written with torch.distributed.checkpoint (see megatron.training.checkpointing)."""
+    """Where checkpoints go; written with torch.distributed.checkpoint (see megatron.checkpoint)."""
 
     save: str | None = None
     load: str | None = None
@@ -278,6 +286,8 @@ class CheckpointConfig:
     no_load_rng: bool = False
     finetune: bool = False  # load weights only; iteration, samples, optimizer, scaler and RNG start fresh
     keep_last: int | None = None  # --keep-last-checkpoints: older iter_* directories are deleted after a save
+    overwrite_checkpoints: bool = False  # --save may replace checkpoints this run did not start from
+    load_fallback: bool = False  # a damaged --load checkpoint: load the newest complete one before it
 
 
 @dataclass(frozen=True)
@@ -327,4 +337,4 @@ class RunConfig:
 
 
 __all__ += ["DataConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LogConfig",
-            "RunConfig", "LR_DECAY_STYLES"]
+            "RunConfig", "LR_DECAY_STYLES", "OPTIMIZER_IMPLS"]

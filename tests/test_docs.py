@@ -11,10 +11,6 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 MAX_README_LINES = 250
 
-# Code-map paths that another branch is about to create, with where that code lives until it
-# lands. The row must name both; drop the entry once the new path exists.
-LANDING = {"megatron/checkpoint/": "megatron/training/checkpointing.py"}
-
 FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.M | re.S)
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
 LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -68,12 +64,8 @@ def test_code_map_paths_exist():
         paths = CODE_SPAN.findall(where)
         assert paths, f"code map row {concern!r} names no path in backticks: {where!r}"
         for p in paths:
-            if (ROOT / p).exists():
-                continue
-            fallback = LANDING.get(p)
-            if fallback and (ROOT / fallback).exists() and f"`{fallback}`" in where:
-                continue
-            missing.append(f"{p} (row: {concern})")
+            if not (ROOT / p).exists():
+                missing.append(f"{p} (row: {concern})")
     assert not missing, "README code map names paths that do not exist:\n  " + "\n  ".join(missing)
 
 
@@ -102,4 +94,5 @@ def test_readme_is_short():
 def test_slug_matches_github():
     assert _slug("`--data-path`, `--split`, blending") == "--data-path---split-blending"
     assert _slug("Launch scripts (`examples_seq_parallel/`)") == "launch-scripts-examples_seq_parallel"
-    assert _slug("(c) What the 30B script needs: 16 GPUs of 80 GB") == "c-what-the-30b-script-needs-16-gpus-of-80-gb"
+    assert _slug("(c) The 30B script: SP 4 needs 16 GPUs of 80 GB, SP 8 (the default) fits 8") == \
+        "c-the-30b-script-sp-4-needs-16-gpus-of-80-gb-sp-8-the-default-fits-8"
