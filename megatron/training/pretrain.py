@@ -21,6 +21,7 @@ from megatron.core import comm
 from megatron.initialize import initialize_megatron, set_seed
 from megatron.parallel import parallelize_gpt
 from megatron.parallel.data_parallel import zero_formula_bytes
+from megatron.parallel.parallelize import built_rank_facts
 from megatron.training.metrics import RunLogger
 from megatron.training.optimizer import build_optimizer
 from megatron.training.training import Trainer
@@ -86,6 +87,9 @@ def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_ho
                  zero_stage=cfg.parallel.zero_stage, num_params=num_params, optimizer=opt_name,
                  train_iters=cfg.train.train_iters, global_batch_size=cfg.train.global_batch_size,
                  seq_length=cfg.data.seq_length, dtype=cfg.optim.dtype_name)
+    # what was built, per rank (once, at start-up): the dry-run plan must predict exactly this
+    facts = built_rank_facts(model, ps)
+    logger.event("topology", ranks=comm.all_gather_object(facts) if cfg.world_size > 1 else [facts])
     trainer = Trainer(cfg=cfg, model=model, optimizer=optimizer, parallel_state=ps, device=device, logger=logger,
                       start_time=start_time)
     checkpoints.attach(model, optimizer, trainer.scaler, trainer.state)
