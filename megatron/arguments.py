@@ -172,7 +172,13 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute every layer in the backward pass (= --recompute-granularity full)")
     g.add_argument("--checkpoint-num-layers", type=int, default=1,
-                   help="layers per recomputed chunk with --checkpoint-activations (only 1 is implemented yet)")
+                   help="layers per recomputed chunk with --checkpoint-activations (= --recompute-method uniform "
+                        "--recompute-num-layers N): a chunk keeps only its input, backward recomputes N layers")
+    g.add_argument("--recompute-method", choices=["uniform", "block"],
+                   help="with full recompute: 'uniform' recomputes chunks of --recompute-num-layers layers, 'block' "
+                        "recomputes only the first --recompute-num-layers layers (Megatron-LM)")
+    g.add_argument("--recompute-num-layers", type=int,
+                   help="layers per chunk (uniform) or recomputed layers (block); default 1 (uniform) / all (block)")
     g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
     g.add_argument("--recompute-granularity", choices=["full", "selective"],
                    help="full: recompute whole layers; selective: recompute core attention only")
@@ -192,11 +198,12 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--deepspeed_config", "--deepspeed-config", "--deepscale_config", dest="deepspeed_config",
                    help="a DeepSpeed JSON config (see 'DeepSpeed JSON' in docs/flags.md)")
     g.add_argument("--ds-sequence-parallel-fpdt", action="store_true",
-                   help="FPDT: Ulysses attention over sequence chunks (not implemented yet)")
+                   help="DeepSpeed FPDT (sequence chunks through Ulysses attention, for memory): mapped onto head-chunk "
+                        "overlap, tiled MLP and tiled loss with the same chunking (printed at start-up)")
     g.add_argument("--ds-sequence-parallel-fpdt-chunk-size", type=int, default=65536,
-                   help="FPDT chunk length in tokens (not implemented yet)")
+                   help="FPDT chunk length in tokens: sets how many chunks the mapped tiling uses")
     g.add_argument("--ds-sequence-parallel-fpdt-offloading", action="store_true",
-                   help="FPDT: keep chunks in host memory (not implemented yet)")
+                   help="FPDT host offloading: mapped onto --offload-activations")
     g.add_argument("--tiled-loss-tokens", type=int, default=0,
                    help="compute logits + cross-entropy in tiles of this many tokens (0: off)")
     g.add_argument("--tiled-mlp-tiles", type=int, default=1, help="run each MLP over this many sequence tiles")
@@ -327,6 +334,8 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
                               distributed_timeout_minutes=args.distributed_timeout_minutes,
                               attention_backend=args.attention_backend,
                               recompute_granularity=args.recompute_granularity,
+                              recompute_method=args.recompute_method or "uniform",
+                              recompute_num_layers=args.recompute_num_layers,
                               loss_tile_tokens=args.tiled_loss_tokens, mlp_tiles=args.tiled_mlp_tiles,
                               offload_activations=args.offload_activations,
                               ulysses_overlap_chunks=args.ulysses_overlap_chunks)
@@ -403,6 +412,27 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
         a.recompute_granularity = "full"
     elif a.recompute_activations:
         a.recompute_granularity = "selective"
+    _resolve_recompute_layers(a)
+    a.notes += upstream_compat.map_fpdt(a)
+
+
+def _resolve_recompute_layers(a: argparse.Namespace) -> None:
+    """--checkpoint-num-layers (Megatron-DeepSpeed) and --recompute-method/--recompute-num-layers
+    (Megatron-LM) into one (method, layers) pair."""
+    if a.checkpoint_num_layers != 1 and a.recompute_num_layers not in (None, a.checkpoint_num_layers):
+        raise ConfigError(f"--checkpoint-num-layers ({a.checkpoint_num_layers}) and --recompute-num-layers "
+                          f"({a.recompute_num_layers}) name the same thing and disagree; pass one of them")
+    if a.checkpoint_num_layers != 1 and a.recompute_method == "block":
+        raise ConfigError("--checkpoint-num-layers chunks layers uniformly; with --recompute-method block use "
+                          "--recompute-num-layers")
+    if a.recompute_num_layers is None:
+        a.recompute_num_layers = a.checkpoint_num_layers if a.recompute_method != "block" else a.num_layers
+    if (a.recompute_method is not None or a.recompute_num_layers != 1) and a.recompute_granularity != "full":
+        raise ConfigError("--recompute-method / --recompute-num-layers / --checkpoint-num-layers apply to full "
+                          "recompute: add --checkpoint-activations (or --recompute-granularity full)")
+    if a.recompute_num_layers < 1 or a.recompute_num_layers > a.num_layers:
+        raise ConfigError(f"--recompute-num-layers / --checkpoint-num-layers must be in [1, --num-layers "
+                          f"{a.num_layers}], got {a.recompute_num_layers}")
 
 
 def _resolve_batch(a: argparse.Namespace, dp: int) -> None:

@@ -15,6 +15,7 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 ATTENTION_BACKENDS = ("classic", "sdpa", "flash-attn", "triton")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 class UserError(Exception):
@@ -150,6 +151,8 @@ class ParallelConfig:
     distributed_timeout_minutes: float = 10.0
     attention_backend: str = "sdpa"
     recompute_granularity: str | None = None  # "full": every layer's activations; "selective": core attention
+    recompute_method: str = "uniform"  # full recompute: "uniform" chunks of layers, or "block": the first layers
+    recompute_num_layers: int = 1  # layers per recomputed chunk (uniform) or recomputed layers (block)
     loss_tile_tokens: int = 0  # > 0: logits + cross-entropy in tiles of this many tokens
     mlp_tiles: int = 1  # > 1: MLP over this many sequence tiles, recomputed per tile
     offload_activations: bool = False  # keep recomputed layers' inputs in host memory (GPU)
@@ -162,6 +165,10 @@ class ParallelConfig:
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
+        _choice("recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+        if self.recompute_num_layers < 1:
+            raise ConfigError(f"--recompute-num-layers / --checkpoint-num-layers must be >= 1, got "
+                              f"{self.recompute_num_layers}")
         if self.loss_tile_tokens < 0 or self.mlp_tiles < 1:
             raise ConfigError("--tiled-loss-tokens must be >= 0 and --tiled-mlp-tiles >= 1")
         if self.ulysses_overlap_chunks < 1:

@@ -32,9 +32,9 @@ from megatron.parallel.data_parallel import apply_data_parallel
 from megatron.parallel.materialize import has_meta_parameters, materialize_
 from megatron.parallel.wrappers import (
     Recompute,
+    apply_full_recompute,
     apply_mlp_tiling,
     apply_offload,
-    apply_recompute,
     install_sequence_parallel_inputs,
 )
 
@@ -106,9 +106,10 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
         layer.attention.core_attention = build_core_attention(config, parallel, parallel_state)
         if parallel.mlp_tiles > 1:
             apply_mlp_tiling(layer.mlp, parallel.mlp_tiles)
-        if parallel.recompute_granularity == "full":
-            apply_recompute(layer)
-        if parallel.offload_activations:
+    if parallel.recompute_granularity == "full":
+        apply_full_recompute(model, parallel.recompute_method, parallel.recompute_num_layers)
+    if parallel.offload_activations:  # outermost, so that what recompute keeps is what leaves the device
+        for layer in model.layers:
             apply_offload(layer)
     if parallel.loss_tile_tokens > 0:
         model.loss = TiledLanguageModelLoss(parallel.loss_tile_tokens)

@@ -78,6 +78,8 @@ def curves(ranks, tmp_path_factory):
             add(4, family, f"dp2sp2_z{z}", f"--ds-sequence-parallel-size 2 --zero-stage {z}")
     add(2, "gpt3", "sp2_z3_again", "--ds-sequence-parallel-size 2 --zero-stage 3")
     add(4, "gpt3", "dp2sp2_z3_full", "--ds-sequence-parallel-size 2 --zero-stage 3 --checkpoint-activations")
+    add(4, "llama", "dp2sp2_z3_full_chunk2", "--ds-sequence-parallel-size 2 --zero-stage 3 --checkpoint-activations "
+                                             "--checkpoint-num-layers 2")
     add(4, "llama", "dp2sp2_z1_selective", "--ds-sequence-parallel-size 2 --zero-stage 1 "
                                            "--recompute-granularity selective")
     # beyond plain Ulysses: hybrid and pure ring (zigzag data sharding), K/V heads replicated
