@@ -56,8 +56,8 @@ def test_upstream_scripts_train_three_iterations_at_sp2(ranks, tmp_path):
     names = sorted(set(EXAMPLES) - NOT_YET)
     argvs = [cpu_argv(name, str(tmp_path / name), files) for name in names]
     codes = ranks(2, _train, argvs)
-    for name, argv in zip(names, argvs):
-        rc = [c[names.index(name)] for c in codes]
+    for i, name in enumerate(names):
+        rc = [c[i] for c in codes]
         assert rc == [0, 0], (name, rc)
         log = [json.loads(line) for line in open(os.path.join(tmp_path, name, "log.jsonl"))]
         losses = [e["lm_loss"] for e in log if e["event"] == "train"]
