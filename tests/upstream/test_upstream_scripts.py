@@ -151,8 +151,12 @@ def test_scale_down_keeps_every_other_flag(name):
     assert get_flag(small, "--train-samples") is None and get_flag(small, "--train-tokens") is None
     sized = {"--num-layers", "--hidden-size", "--num-attention-heads", "--num-key-value-heads", "--ffn-hidden-size",
              "--seq-length", "--max-position-embeddings", "--ds-sequence-parallel-size", "--micro-batch-size",
-             "--global-batch-size", "--train-iters", "--train-samples", "--train-tokens"}
+             "--global-batch-size", "--train-iters", "--train-samples", "--train-tokens", "--lr-warmup-iters",
+             "--lr-decay-iters"}
     assert _flags_and_values(small, sized) == _flags_and_values(argv, sized)
+    if get_flag(argv, "--lr-warmup-iters") is not None:  # iteration schedules shrink with the run, same shape
+        old = int(get_flag(argv, "--lr-warmup-iters")) / int(get_flag(argv, "--train-iters"))
+        assert int(get_flag(small, "--lr-warmup-iters")) == int(old * 3)
     if get_flag(argv, "--num-key-value-heads") is not None:  # llama2: 16 heads / 4 K/V heads -> 4 / 1
         assert get_flag(small, "--num-key-value-heads") == "1" and get_flag(small, "--ffn-hidden-size") == "172"
 

@@ -13,8 +13,6 @@ import json
 import math
 import os
 
-import pytest
-
 from tests.upstream.scripts import (
     EXAMPLES,
     drop_flag,
@@ -64,15 +62,3 @@ def test_upstream_scripts_train_three_iterations_at_sp2(ranks, tmp_path):
         assert len(losses) == 3 and all(math.isfinite(x) for x in losses), (name, losses)
         topo = next(e for e in log if e["event"] == "topology")["ranks"]
         assert [r["sp_group"] for r in topo] == [[0, 1], [0, 1]], name
-
-
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_scaled_down_argv_keeps_every_other_flag(name, tmp_path):
-    argv = load_example(name)["argv"]
-    small = scale_down(argv)
-    sized = {"--num-layers", "--hidden-size", "--num-attention-heads", "--num-key-value-heads", "--num-query-groups",
-             "--ffn-hidden-size", "--kv-channels", "--seq-length", "--max-position-embeddings",
-             "--ds-sequence-parallel-size", "--micro-batch-size", "--global-batch-size", "--train-iters",
-             "--train-samples", "--train-tokens"}
-    flags = lambda a: [x for x in a if x.startswith("--") and x not in sized]  # noqa: E731
-    assert flags(small) == flags(argv)
