@@ -17,7 +17,12 @@ ATTENTION_BACKENDS = ("classic", "sdpa", "flash-attn", "triton")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error the user can fix (bad flags, a damaged or mismatched checkpoint): the message says
+    what is wrong and how to fix it, and the command line prints it once, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot work; the message names the field and the fix."""
 
 
@@ -171,7 +176,7 @@ def _choice(name: str, value, allowed) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {list(allowed)}, got {value!r}")
 
 
-__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "field"]
+__all__ = ["UserError", "ConfigError", "ModelConfig", "ParallelConfig", "field"]
 
 
 # --------------------------------------------------------------------------------------
