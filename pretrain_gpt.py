@@ -59,6 +59,10 @@ def main(argv=None) -> int:
         if owns_process_group:
             _drop_process_group()
         return code
+    except BaseException:  # a bug keeps its traceback; the process group goes (main may be called again)
+        if owns_process_group:
+            _drop_process_group()
+        raise
     if owns_process_group and dist.is_initialized():
         # exiting with live gloo/NCCL threads can abort the process ("terminate called
         # without an active exception") and turn a finished run into a failed job

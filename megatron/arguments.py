@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -48,7 +49,13 @@ _NORM_ALIASES = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
 
 class _Parser(argparse.ArgumentParser):
     """argparse, except that a malformed flag value raises ConfigError (printed once per job by
-    pretrain_gpt.py) instead of printing the usage on every rank and exiting."""
+    pretrain_gpt.py) instead of printing the usage on every rank and exiting, and that a negative
+    number in exponent form (--adam-eps -1e-8) is read as a value, not as a flag, as Python 3.13's
+    argparse does (so that validation can say what is wrong with it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
 
     def error(self, message: str):
         raise ConfigError(f"{message} (pretrain_gpt.py --help lists the flags)")

@@ -110,36 +110,44 @@ def mark_validated() -> None:
         pass
 
 
-def claim_report(rank: int, world: int) -> bool:
-    """Should this rank print the job's error? True for exactly one of the ranks that call it
-    (best effort: when the store cannot be reached, every caller prints rather than none).
+def claim_report(rank: int, world: int, code: int = 2) -> tuple[bool, int]:
+    """(should this rank print the job's error, the job's exit code). True for exactly one of the
+    ranks that call it (best effort: when the store cannot be reached, every caller prints rather
+    than none). The exit code is the printing rank's: a rank that fails only because the reporting
+    rank left (a PeerLostError, exit code 1) exits with the code of the error that was printed.
 
     Rank 0 claims at once. Another rank waits for rank 0 to claim (then stays silent): before the
     process group starts, until rank 0 has either claimed or finished validating (so an error of the
     whole job is always rank 0's to print, however slowly rank 0 started); after it, for at most
     GRACE_SECONDS (rank 0 may be blocked in a collective waiting for this rank)."""
     if world <= 1:
-        return True
+        return True, code
     try:
         store = _store()
     except Exception:  # noqa: BLE001 (the store's host is gone: better twice than never)
-        return True
+        return True, code
     if store is None:
-        return _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0) == 0
-    key = _key("user_error")
+        return _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0) == 0, code
+    key, mine = _key("user_error"), f"{rank}:{code}"
     try:
         if rank != 0:
             before_group = not _process_group_started()
             deadline = time.monotonic() + (VALIDATION_WAIT_SECONDS if before_group else GRACE_SECONDS)
             while time.monotonic() < deadline:
                 if store.check([key]):
-                    return False
+                    break
                 if before_group and store.check([_key("validated")]):
                     break
                 time.sleep(0.05)
-        return store.compare_set(key, "", str(rank)) == str(rank).encode()
+        holder = store.compare_set(key, "", mine).decode()
     except Exception:  # noqa: BLE001
-        return True
+        return True, code
+    if holder == mine:
+        return True, code
+    try:
+        return False, int(holder.split(":")[1])
+    except (IndexError, ValueError):
+        return False, code
 
 
 def _process_group_started() -> bool:
@@ -153,10 +161,11 @@ def _process_group_started() -> bool:
 def report_user_error(e: BaseException, prog: str = "pretrain_gpt.py") -> int:
     """Print a UserError once per job (see the module docstring); return the exit code."""
     rank, world = rank_and_world()
-    if claim_report(rank, world):
+    report, code = claim_report(rank, world, int(getattr(e, "exit_code", 2)))
+    if report:
         where = f" on rank {rank} of {world}" if rank != 0 and world > 1 else ""
         print(f"{prog}: error{where}: {e}", file=sys.stderr, flush=True)
-    return int(getattr(e, "exit_code", 2))
+    return code
 
 
 # ------------------------------------------------------------------------ a lost peer
