@@ -599,9 +599,10 @@ def _check_writable(flag: str, path: str, kind: str) -> None:
     if not os.path.isdir(existing):
         raise ConfigError(f"{flag} {path}: {existing} is a file, so no directory can be made under it; pass a path "
                           "in a directory")
-    probe = target if kind == "file" and os.path.isfile(target) else existing
+    append = kind == "file" and os.path.isfile(target)  # an existing log file: open it as the run will
+    probe = target if append else existing
     try:  # create and remove a probe: unlike os.access, this sees read-only mounts, even as root
-        if probe == target:
+        if append:
             open(target, "a").close()
         else:
             os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))

@@ -128,6 +128,8 @@ CASES = [
     Case("tensorboard_under_a_file", MOCK + " --tensorboard-dir {scratch}/a-file/tb", "{scratch}/a-file is a file"),
     Case("log_json_under_a_file", MOCK + " --log-json {scratch}/a-file/log.jsonl", "{scratch}/a-file is a file"),
     Case("log_json_is_a_directory", MOCK + " --log-json {scratch}", "--log-json {scratch} is a directory"),
+    Case("outputs_that_exist_are_fine", DATA + " --split 0,100,0 --save {scratch} --tensorboard-dir {scratch} "
+         "--log-json {scratch}/log.jsonl", "the train split of --data-path {good} is empty"),
 ]
 
 
