@@ -25,9 +25,10 @@ _LAUNCHER_PID = os.getppid()  # read first: a launcher that dies while we import
 
 
 def main(argv=None) -> int:
-    from megatron.arguments import check_paths, parse_args  # noqa: PLC0415
+    from megatron.arguments import parse_args  # noqa: PLC0415
     from megatron.config import UserError  # noqa: PLC0415
     from megatron.errors import begin_run, mark_validated, report_user_error  # noqa: PLC0415
+    from megatron.preflight import check_paths  # noqa: PLC0415
 
     begin_run()
     argv = list(sys.argv[1:] if argv is None else argv)
