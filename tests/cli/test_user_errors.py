@@ -239,6 +239,16 @@ def test_a_bad_token_id_is_caught_in_the_batch(data, tmp_path):
         build_train_valid_test_datasets(prefix, "100,0,0", 8, (8, 0, 0), 1, vocab_size=128)
 
 
+@pytest.mark.xfail(raises=RuntimeError, strict=False,
+                   reason="megatron/training/checkpointing.py's CheckpointError is a RuntimeError; the checkpoint "
+                          "branch's megatron/checkpoint makes it a UserError (then this passes)")
+def test_damaged_checkpoint(cli, tmp_path):
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("garbage\n")
+    rc, out, err = cli((MOCK + f" --load {tmp_path}").split())
+    assert rc == 2 and "Traceback" not in out + err
+    assert err.count("pretrain_gpt.py: error: ") == 1 and "latest_checkpointed_iteration.txt" in err, err
+
+
 def test_a_programming_error_keeps_its_traceback(cli, monkeypatch):
     def broken(cfg, parallel_state):
         raise RuntimeError("a bug, not a user error")
