@@ -172,6 +172,20 @@ class GPTDataset:
         p = int(np.flatnonzero(counts)[-1])
         return total, int(begins[p] + last[p] - starts[p])
 
+    def eod_positions(self, idx: int, stop: int, eod: int) -> np.ndarray:
+        """Sample positions < stop that hold an EOD token (int64, ascending), from the index and
+        the EOD table only: what a rank needs for the document boundaries of the whole sample."""
+        table = get_eod_positions(self.indexed, eod, self.eod_mode, self.cache_dir)
+        starts, lengths = self.pieces(idx)
+        begins = np.cumsum(lengths) - lengths
+        keep = begins < stop
+        starts, lengths, begins = starts[keep], lengths[keep], begins[keep]
+        stops = starts + np.minimum(lengths, stop - begins)
+        lo = np.searchsorted(table, starts, side="left")
+        hi = np.searchsorted(table, stops, side="left")
+        return np.concatenate([table[a:b] - s + o for a, b, s, o in zip(lo, hi, starts, begins)]
+                              or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+
     def prepare_eod(self, eod: int, collective: bool = True) -> None:
         """Build (or load) the EOD table now, rank 0 first, instead of lazily in a step."""
         get_eod_positions(self.indexed, eod, self.eod_mode, self.cache_dir, collective=collective)
@@ -253,6 +267,10 @@ class BlendedDataset:
     def eods_before(self, idx: int, pos: int, eod: int):
         ds, i = self._where(idx)
         return ds.eods_before(i, pos, eod)
+
+    def eod_positions(self, idx: int, stop: int, eod: int) -> np.ndarray:
+        ds, i = self._where(idx)
+        return ds.eod_positions(i, stop, eod)
 
     def prepare_eod(self, eod: int, collective: bool = True) -> None:
         for d in self.datasets:

@@ -15,6 +15,10 @@ sample:
   start of the sample, so every rank gives the same id to the same document; after the
   all-to-all of DistributedAttention each rank holds the full sequence, all-gathers
   segment_ids, and applies the document-causal mask exactly.
+* documents (reset_attention_mask): the document boundaries of the WHOLE sample as a
+  `megatron.core.documents.Documents`, from the EOD index alone (no token of another rank is
+  read). The model uses it instead of gathering segment_ids: no collective, and no layer
+  waits for the GPU to learn document lengths (flash-attn varlen and SDPA need them on the host).
 
 The EODs in front of the slice are counted from the index (`dataset.eods_before`), so
 no rank reads, materialises or receives another rank's tokens.
@@ -27,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from megatron.core.documents import Documents
 from megatron.core.sequence_parallel.layout import token_ranges
 from megatron.data.samplers import MegatronPretrainingSampler
 
@@ -51,7 +56,8 @@ def get_sp_batch(dataset, sample_indices: Sequence[int], seq_length: int, sp_ran
     """The micro-batch `sample_indices` as this SP rank's tensors (see module docstring).
 
     Returns tokens, labels, position_ids (LongTensor [b, s/p]), loss_mask (FloatTensor
-    [b, s/p]) and segment_ids (LongTensor [b, s/p], or None unless reset_attention_mask).
+    [b, s/p]), segment_ids (LongTensor [b, s/p], or None unless reset_attention_mask) and
+    documents (the whole samples' `Documents`, or None unless reset_attention_mask).
     With `ring_size > 1` the rank's tokens are its zigzag ranges, concatenated.
     `vocab_size`: raise TokenIdError for an id the model cannot embed (checked here, on the
     host copy, so a bad id never reaches the embedding: on a GPU it would be a device-side
@@ -67,13 +73,24 @@ def get_sp_batch(dataset, sample_indices: Sequence[int], seq_length: int, sp_ran
                           reset_attention_mask, eod_mask_loss, vocab_size)
              for start, stop in sp_token_ranges(seq_length, sp_rank, sp_size, ring_size)]
     cat = lambda key: np.ascontiguousarray(np.concatenate([p[key] for p in parts], axis=1))  # noqa: E731
+    documents = None
+    if reset_attention_mask:
+        documents = Documents([_document_lengths(dataset.eod_positions(int(i), seq_length, eod_token), seq_length)
+                               for i in sample_indices])
     return {
+        "documents": documents,
         "tokens": torch.from_numpy(cat("tokens")),
         "labels": torch.from_numpy(cat("labels")),
         "loss_mask": torch.from_numpy(cat("loss_mask")),
         "position_ids": torch.from_numpy(cat("position_ids")),
         "segment_ids": torch.from_numpy(cat("segment_ids")) if reset_attention_mask else None,
     }
+
+
+def _document_lengths(eods: np.ndarray, seq_length: int) -> np.ndarray:
+    """Document lengths of a sample's inputs [0, N): a document ends at each EOD (inclusive)."""
+    cuts = np.concatenate([[0], eods[eods < seq_length - 1] + 1, [seq_length]])
+    return np.diff(cuts)
 
 
 def _range_batch(dataset, sample_indices, start, stop, eod_token, needs_eod, reset_position_ids,

@@ -81,6 +81,12 @@ class GPTModel(nn.Module):
             if param.device.type != "meta":
                 init(param)
 
+    def run_layers(self, x: torch.Tensor, rope, documents) -> torch.Tensor:
+        """The transformer layers in order (parallelize_gpt may recompute them in chunks)."""
+        for layer in self.layers:
+            x = layer(x, rope, documents)
+        return x
+
     @property
     def output_weight(self) -> torch.Tensor:
         return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight
@@ -104,8 +110,7 @@ class GPTModel(nn.Module):
         if self.training and self.config.hidden_dropout > 0:
             x = F.dropout(x, p=self.config.hidden_dropout)
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        for layer in self.layers:
-            x = layer(x, rope, documents)
+        x = self.run_layers(x, rope, documents)
         x = self.final_norm(x)
         if labels is None:
             return F.linear(x, self.output_weight).transpose(0, 1)  # [s, b, V] -> [b, s, V]

@@ -27,9 +27,7 @@ from tests.upstream.scripts import (
 )
 
 NEEDS_TP_PP = {"ds_pretrain_gpt_125M", "pretrain_llama2_distributed"}
-NOT_YET = {"ds_pretrain_gpt_6.7B_fpdt_32k": ("--rotary-percent", "--ds-sequence-parallel-fpdt",
-                                             "--ds-sequence-parallel-fpdt-chunk-size",
-                                             "--ds-sequence-parallel-fpdt-offloading")}
+NOT_YET = {"ds_pretrain_gpt_6.7B_fpdt_32k": ("--rotary-percent",)}
 WORKS = [n for n in EXAMPLES if n not in NEEDS_TP_PP and n not in NOT_YET]
 assert set(EXAMPLES) == set(WORKS) | NEEDS_TP_PP | set(NOT_YET), EXAMPLES
 
@@ -84,8 +82,7 @@ def test_everything_but_tensor_and_pipeline_parallelism_is_accepted(name, dry_ru
     assert rc == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason="needs partial RoPE (--rotary-percent 0.25) and FPDT "
-                   "(--ds-sequence-parallel-fpdt, -chunk-size 65536, -offloading): model work not landed yet")
+@pytest.mark.xfail(strict=True, reason="needs partial RoPE (--rotary-percent 0.25): model work not landed yet")
 def test_fpdt_script_dry_runs_unchanged(dry_run):
     argv, ds_config = _example("ds_pretrain_gpt_6.7B_fpdt_32k")
     rc, _, err = dry_run(argv, ds_config=ds_config)

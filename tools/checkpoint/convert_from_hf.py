@@ -22,7 +22,8 @@ if __package__ in (None, ""):  # run as a script: make `megatron` and `tools` im
 
 import torch
 
-from megatron.checkpoint_conversion import ConversionError, from_hf, hf_model_type
+from megatron.checkpoint.format import CheckpointError
+from megatron.checkpoint.hf import ConversionError, from_hf, hf_model_type
 from megatron.config import ModelConfig
 from tools.checkpoint.convert_to_torch import (
     DTYPES,
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         p.error("pass --output FILE.pt, --dcp DIR, or both")
     try:
         config = convert(args)
-    except ConversionError as e:
+    except CheckpointError as e:  # ConversionError is one
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("train it with:\n  " + " ".join(megatron_flags(config)) +

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron.checkpoint_conversion import gpt2, llama
-from megatron.checkpoint_conversion.common import (
+from megatron.checkpoint.hf import gpt2, llama
+from megatron.checkpoint.hf.common import (
     SUPPORTED_HF_MODEL_TYPES,
     ConversionError,
     hf_family,

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from megatron.checkpoint_conversion.common import (
+from megatron.checkpoint.hf.common import (
     ConversionError,
     cast,
     check_keys,
