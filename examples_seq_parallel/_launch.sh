@@ -9,14 +9,21 @@
 #   MOCK_DATA=1                        synthetic tokens instead of DATA_PATH
 #   CHECKPOINT_PATH TENSORBOARD_DIR    outputs
 #   DRY_RUN=1                          validate and print the per-rank plan; launch nothing
+#   PREFLIGHT=0                        skip the check before torchrun (see below)
 #   EXTRA_ARGS                         appended verbatim (override any flag above)
 #   PYTHON TORCHRUN                    interpreters (default: the repo's .venv if present)
+#
+# Before torchrun starts, `pretrain_gpt.py --preflight` checks the flags, the data, tokenizer and
+# output paths and this machine once (a couple of seconds): a mistake ends here with one message,
+# before any rank, GPU or process group is started. torchrun is run by _torchrun.py, which ends a
+# failed job with one line naming the rank and its exit code instead of torchrun's traceback
+# (ChildFailedError), so the ranks' own message (printed once per job) stays the last thing said.
 
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
-TORCHRUN=${TORCHRUN:-"$PYTHON -m torch.distributed.run"}
+TORCHRUN=${TORCHRUN:-"$PYTHON $ROOT/examples_seq_parallel/_torchrun.py"}
 NNODES=${NNODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NODE_RANK=${NODE_RANK:-0}
@@ -67,4 +74,8 @@ else
   CMD=($TORCHRUN "${LAUNCH[@]}" "$ROOT/pretrain_gpt.py" "${ALL_ARGS[@]}")
 fi
 echo "+ ${CMD[*]}"
+if [[ "${DRY_RUN:-0}" != 1 && "${PREFLIGHT:-1}" == 1 ]]; then
+  env WORLD_SIZE="$WORLD_SIZE" GPUS_PER_NODE="$GPUS_PER_NODE" $PYTHON "$ROOT/pretrain_gpt.py" --preflight \
+    "${ALL_ARGS[@]}" || exit $?
+fi
 exec "${CMD[@]}"

@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 
 from megatron import upstream_compat
@@ -46,10 +47,23 @@ _POSITION_ALIASES = {"learned_absolute": "learned_absolute", "absolute": "learne
 _NORM_ALIASES = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a malformed flag value raises ConfigError (printed once per job by
+    pretrain_gpt.py) instead of printing the usage on every rank and exiting, and that a negative
+    number in exponent form (--adam-eps -1e-8) is read as a value, not as a flag, as Python 3.13's
+    argparse does (so that validation can say what is wrong with it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (pretrain_gpt.py --help lists the flags)")
+
+
 def build_parser(extra_args_provider: Callable | None = None) -> argparse.ArgumentParser:
     """All supported flags. Values a DeepSpeed config may also set default to None (= not given)."""
-    p = argparse.ArgumentParser(description="GPT pretraining with DeepSpeed-Ulysses sequence parallelism",
-                                allow_abbrev=False)
+    p = _Parser(description="GPT pretraining with DeepSpeed-Ulysses sequence parallelism", allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, help="transformer layers (required)")
     g.add_argument("--encoder-num-layers", type=int, help="upstream's alias of --num-layers (used when it is absent)")
@@ -322,8 +336,9 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
     dp = world_size // args.ds_sequence_parallel_size
     _resolve_batch(args, dp)
     _validate_precision_and_backend(args, check_environment)
+    _validate_optimizer_flags(args)
     _validate_optimizer_impl(args, check_environment)
-    data = _data_config(args)
+    data = _data_config(args, check_environment)
     train = _train_config(args)
     optim = _optim_config(args, train)
     vocab = padded_vocab_size if padded_vocab_size is not None else _padded_vocab_size(data)
@@ -385,6 +400,9 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(a, flag) is None:
             raise ConfigError(f"--{flag.replace('_', '-')} is required")
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(a, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
     if a.max_position_embeddings is None:
         a.max_position_embeddings = a.seq_length
     if a.use_rotary_position_embeddings:
@@ -519,10 +537,14 @@ def _validate_precision_and_backend(a: argparse.Namespace, check_environment: bo
         pass  # allowed (tests exercise it); it is slow: CPU half-precision matmul is ~250x slower than fp32
 
 
-def _data_config(a: argparse.Namespace) -> DataConfig:
+def _data_config(a: argparse.Namespace, check_environment: bool = True) -> DataConfig:
     if not a.mock_data and not a.data_path:
         raise ConfigError("--data-path is required (a preprocessed prefix, or 'W1 P1 W2 P2' to blend); "
                           "use --mock-data for synthetic tokens")
+    if a.mock_data and a.data_path:
+        raise ConfigError("--mock-data and --data-path both given: --mock-data trains on synthetic tokens and would "
+                          "ignore --data-path; drop one of them")
+    _validate_data_path(a)
     if a.tokenizer_type in _BERT_TOKENIZERS:
         raise ConfigError(f"--tokenizer-type {a.tokenizer_type}: BERT WordPiece tokenizers are not supported for GPT "
                           f"pretraining; use GPT2BPETokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer or "
@@ -539,6 +561,46 @@ def _data_config(a: argparse.Namespace) -> DataConfig:
                       vocab_extra_ids=a.vocab_extra_ids, make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
                       reset_position_ids=a.reset_position_ids, reset_attention_mask=a.reset_attention_mask,
                       eod_mask_loss=a.eod_mask_loss, data_cache_path=a.data_cache_path, mock_data=a.mock_data)
+
+
+def _validate_data_path(a: argparse.Namespace) -> None:
+    """--data-path and --split syntax (the files are checked by `check_paths`)."""
+    from megatron.data.index_mapping import get_train_valid_test_split  # noqa: PLC0415
+
+    get_train_valid_test_split(a.split, 1000)  # raises ConfigError naming --split
+    if a.data_path:
+        from megatron.data.gpt_dataset import parse_data_prefix  # noqa: PLC0415
+
+        parse_data_prefix(list(a.data_path))  # raises ConfigError naming --data-path
+
+
+def _validate_optimizer_flags(a: argparse.Namespace) -> None:
+    """Values the optimizer, the loss scaler or the process group would take without complaint and
+    then misbehave with (a beta of 1.5, a negative epsilon or weight decay, a negative timeout)."""
+    def check(flag: str, value, ok: bool, must: str, fix: str = "") -> None:
+        if value is not None and not ok:  # comparisons with NaN are False, so NaN fails `ok` too
+            raise ConfigError(f"{flag} must be {must}, got {value}{'; ' + fix if fix else ''}")
+
+    check("--lr", a.lr, a.lr >= 0, ">= 0", "e.g. --lr 3e-4")
+    check("--min-lr", a.min_lr, a.min_lr >= 0, ">= 0")
+    check("--weight-decay", a.weight_decay, a.weight_decay >= 0, ">= 0 (0 disables weight decay)")
+    for flag in ("adam_beta1", "adam_beta2"):
+        v = getattr(a, flag)
+        check(f"--{flag.replace('_', '-')}", v, 0 <= v < 1, "in [0, 1)",
+              "typical values are --adam-beta1 0.9 --adam-beta2 0.95 (or 0.999)")
+    check("--adam-eps", a.adam_eps, a.adam_eps >= 0, ">= 0", "the usual value is 1e-8")
+    check("--clip-grad", a.clip_grad, a.clip_grad >= 0, ">= 0 (0 disables clipping)")
+    check("--init-method-std", a.init_method_std, a.init_method_std >= 0, ">= 0", "GPT-3 uses 0.02")
+    check("--loss-scale", a.loss_scale, a.loss_scale is None or a.loss_scale > 0, "positive",
+          "drop it for dynamic loss scaling")
+    check("--initial-loss-scale", a.initial_loss_scale, a.initial_loss_scale > 0, "positive")
+    check("--min-loss-scale", a.min_loss_scale, a.min_loss_scale > 0, "positive")
+    check("--distributed-timeout-minutes", a.distributed_timeout_minutes, a.distributed_timeout_minutes > 0,
+          "positive", "the default is 10")
+    check("--global-batch-size", a.global_batch_size, a.global_batch_size >= 1, ">= 1")
+    if a.lr == 0:
+        a.notes.append("WARNING: --lr 0: the weights never change (a learning rate of 0 at the peak); pass the "
+                       "peak learning rate, e.g. --lr 3e-4, unless you mean to train nothing (throughput runs)")
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:

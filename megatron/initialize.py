@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.config import RunConfig
+from megatron.config import ConfigError, RunConfig
 
 
 @dataclass
@@ -49,6 +53,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_launcher(launcher_pid: int) -> str:
+    """Make this rank die (SIGKILL) when its launcher process `launcher_pid` dies.
+
+    torchrun kills its ranks when it is told to stop; when it is itself SIGKILLed (an OOM kill, a
+    scheduler's hard kill, `kill -9`) nothing tells the ranks, and they would train on as orphans to
+    the end of the run, holding the GPUs. On Linux the kernel does it: prctl(PR_SET_PDEATHSIG);
+    elsewhere a daemon thread polls the parent pid once a second. `launcher_pid` is the parent pid
+    read as the process started (pretrain_gpt.py reads it first thing), so a launcher that died
+    before this call is noticed too. Returns how ("prctl", "watchdog").
+    """
+    how = "watchdog"
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes  # noqa: PLC0415
+
+            pr_set_pdeathsig = 1
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0:
+                how = "prctl"
+        except (OSError, AttributeError):
+            pass
+    if how == "watchdog":
+        def watch() -> None:
+            while os.getppid() == launcher_pid:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
+    if os.getppid() != launcher_pid:  # the launcher died before the kernel was asked to tell us
+        os.kill(os.getpid(), signal.SIGKILL)
+    return how
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def initialize_distributed(backend: str, timeout_minutes: float = 10.0) -> tuple[int, int, int]:
     """Init (or reuse) the default process group; returns (rank, world_size, local_rank)."""
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
@@ -64,7 +105,7 @@ def initialize_distributed(backend: str, timeout_minutes: float = 10.0) -> tuple
     else:
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(var):
-                raise RuntimeError(
+                raise ConfigError(
                     f"{var} is not set: launch with torchrun, or export MASTER_ADDR (the first node's "
                     f"host name) and MASTER_PORT (a free port) before srun")
         init = "env://"
@@ -108,7 +149,7 @@ def initialize_megatron(cfg: RunConfig) -> RuntimeContext:
     backend = cfg.parallel.distributed_backend
     rank, world, local_rank = initialize_distributed(backend, cfg.parallel.distributed_timeout_minutes)
     if world != cfg.world_size:
-        raise RuntimeError(f"flags were validated for world size {cfg.world_size} but {world} processes "
+        raise ConfigError(f"flags were validated for world size {cfg.world_size} but {world} processes "
                            f"started; launch exactly {cfg.world_size} ranks (WORLD_SIZE)")
     if backend == "nccl":
         device = torch.device("cuda", cuda_device_index(local_rank))

@@ -18,6 +18,7 @@ import torch
 from megatron.checkpoint.manager import CheckpointManager
 from megatron.config import RunConfig
 from megatron.core import comm
+from megatron.errors import peer_lost_error
 from megatron.initialize import initialize_megatron, set_seed
 from megatron.parallel import parallelize_gpt
 from megatron.parallel.data_parallel import zero_formula_bytes
@@ -53,9 +54,17 @@ def pretrain(cfg: RunConfig, model_provider: Callable | None = None,
     ctx = initialize_megatron(cfg)
     ps, device = ctx.parallel_state, ctx.device
     logger = RunLogger(cfg.log, cfg.train.train_iters, enabled=ps.rank == 0)
+    built = {}  # what _pretrain built so far (the trainer: how far training got when a peer is lost)
     try:
         return _pretrain(cfg, ps, device, logger, model_provider or default_model_provider,
-                         data_provider or default_data_provider, trainer_hook, start_time)
+                         data_provider or default_data_provider, trainer_hook, start_time, built)
+    except Exception as e:
+        # a collective failed because another rank is gone: say so, and how to resume
+        trainer = built.get("trainer")
+        lost = peer_lost_error(e, trainer.state.iteration if trainer is not None else None, cfg.checkpoint.save)
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         logger.close()
         from megatron.core.parallel_state import destroy_model_parallel  # noqa: PLC0415
@@ -63,9 +72,9 @@ def pretrain(cfg: RunConfig, model_provider: Callable | None = None,
         destroy_model_parallel()
 
 
-def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_hook, start_time) -> dict:
+def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_hook, start_time, built) -> dict:
     for note in cfg.notes:
-        logger.print(f"note: {note}")
+        logger.print(note if note.startswith("WARNING") else f"note: {note}")
     logger.print(f"> {ps.describe()} | zero stage {cfg.parallel.zero_stage} | micro batch "
                  f"{cfg.train.micro_batch_size} x {cfg.num_micro_batches} accumulation x dp {ps.dp_size} = global "
                  f"batch {cfg.train.global_batch_size} | {cfg.tokens_per_step} tokens per step | "
@@ -92,6 +101,7 @@ def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_ho
     logger.event("topology", ranks=comm.all_gather_object(facts) if cfg.world_size > 1 else [facts])
     trainer = Trainer(cfg=cfg, model=model, optimizer=optimizer, parallel_state=ps, device=device, logger=logger,
                       start_time=start_time)
+    built["trainer"] = trainer
     checkpoints.attach(model, optimizer, trainer.scaler, trainer.state)
     checkpoints.load()  # counters, data position, optimizer, scaler and RNG in place; no-op from scratch
     train_iter, valid_batches, test_batches = data_provider(cfg, ps, trainer.state.consumed_samples)
