@@ -51,7 +51,7 @@ else
 fi
 OUTPUT_ARGS=()
 [[ -n "${CHECKPOINT_PATH:-}" ]] && OUTPUT_ARGS+=(--save "$CHECKPOINT_PATH" --load "$CHECKPOINT_PATH")
-[[ -n "${TENSORBOARD_DIR:-}" ]] && OUTPUT_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR" --log-timers-to-tensorboard)
+[[ -n "${TENSORBOARD_DIR:-}" ]] && OUTPUT_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 ALL_ARGS=("${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" "${OUTPUT_ARGS[@]}" "${EXTRA[@]}")
 
@@ -67,9 +67,16 @@ else
   fi
   if [[ " ${ALL_ARGS[*]} " == *" --exit-signal-handler "* ]]; then
     # SIGTERM (Slurm preemption, scancel --signal=TERM) must reach the ranks, which finish
-    # their iteration, save and exit 0; torchrun itself would kill them and exit 1
-    LAUNCH+=(--signals-to-handle SIGINT,SIGHUP,SIGQUIT)
-    trap '' TERM
+    # their iteration, save and exit 0; torchrun itself would kill them and exit 1. Only newer
+    # torchrun has --signals-to-handle; an older one passes SIGTERM on to the ranks when it
+    # shuts down (they still save) and then exits non-zero.
+    if $TORCHRUN --help 2>/dev/null | grep -q -- "--signals-to-handle"; then
+      LAUNCH+=(--signals-to-handle SIGINT,SIGHUP,SIGQUIT)
+      trap '' TERM
+    else
+      echo "note: this torchrun has no --signals-to-handle: on SIGTERM it forwards the signal to the ranks" \
+           "(they save) and exits non-zero" >&2
+    fi
   fi
   CMD=($TORCHRUN "${LAUNCH[@]}" "$ROOT/pretrain_gpt.py" "${ALL_ARGS[@]}")
 fi
