@@ -15,9 +15,11 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 
 from megatron import upstream_compat
+from megatron.checkpoint.format import holds_checkpoint
 from megatron.config import (
     ATTENTION_BACKENDS,
     LR_DECAY_STYLES,
@@ -45,10 +47,23 @@ _POSITION_ALIASES = {"learned_absolute": "learned_absolute", "absolute": "learne
 _NORM_ALIASES = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a malformed flag value raises ConfigError (printed once per job by
+    pretrain_gpt.py) instead of printing the usage on every rank and exiting, and that a negative
+    number in exponent form (--adam-eps -1e-8) is read as a value, not as a flag, as Python 3.13's
+    argparse does (so that validation can say what is wrong with it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (pretrain_gpt.py --help lists the flags)")
+
+
 def build_parser(extra_args_provider: Callable | None = None) -> argparse.ArgumentParser:
     """All supported flags. Values a DeepSpeed config may also set default to None (= not given)."""
-    p = argparse.ArgumentParser(description="GPT pretraining with DeepSpeed-Ulysses sequence parallelism",
-                                allow_abbrev=False)
+    p = _Parser(description="GPT pretraining with DeepSpeed-Ulysses sequence parallelism", allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, help="transformer layers (required)")
     g.add_argument("--encoder-num-layers", type=int, help="upstream's alias of --num-layers (used when it is absent)")
@@ -137,6 +152,9 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
                    help="on SIGTERM, finish the current iteration, save a checkpoint to --save and exit 0")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"],
                    help="adam and adamw are both AdamW (decoupled weight decay, as upstream's adam); sgd is refused")
+    g.add_argument("--optimizer-impl", default="torch", choices=["torch", "apex"],
+                   help="torch: torch.optim.AdamW (fused kernel, foreach under FSDP); apex: NVIDIA apex "
+                        "FusedAdam (CUDA, ZeRO stage 0 or 1 only)")
     g.add_argument("--lr", type=float, help="peak learning rate (required)")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
     g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES,
@@ -192,7 +210,13 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute every layer in the backward pass (= --recompute-granularity full)")
     g.add_argument("--checkpoint-num-layers", type=int, default=1,
-                   help="layers per recomputed chunk with --checkpoint-activations (only 1 is implemented yet)")
+                   help="layers per recomputed chunk with --checkpoint-activations (= --recompute-method uniform "
+                        "--recompute-num-layers N): a chunk keeps only its input, backward recomputes N layers")
+    g.add_argument("--recompute-method", choices=["uniform", "block"],
+                   help="with full recompute: 'uniform' recomputes chunks of --recompute-num-layers layers, 'block' "
+                        "recomputes only the first --recompute-num-layers layers (Megatron-LM)")
+    g.add_argument("--recompute-num-layers", type=int,
+                   help="layers per chunk (uniform) or recomputed layers (block); default 1 (uniform) / all (block)")
     g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
     g.add_argument("--recompute-granularity", choices=["full", "selective"],
                    help="full: recompute whole layers; selective: recompute core attention only")
@@ -212,11 +236,12 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--deepspeed_config", "--deepspeed-config", "--deepscale_config", dest="deepspeed_config",
                    help="a DeepSpeed JSON config (see 'DeepSpeed JSON' in docs/flags.md)")
     g.add_argument("--ds-sequence-parallel-fpdt", action="store_true",
-                   help="FPDT: Ulysses attention over sequence chunks (not implemented yet)")
+                   help="DeepSpeed FPDT (sequence chunks through Ulysses attention, for memory): mapped onto head-chunk "
+                        "overlap, tiled MLP and tiled loss with the same chunking (printed at start-up)")
     g.add_argument("--ds-sequence-parallel-fpdt-chunk-size", type=int, default=65536,
-                   help="FPDT chunk length in tokens (not implemented yet)")
+                   help="FPDT chunk length in tokens: sets how many chunks the mapped tiling uses")
     g.add_argument("--ds-sequence-parallel-fpdt-offloading", action="store_true",
-                   help="FPDT: keep chunks in host memory (not implemented yet)")
+                   help="FPDT host offloading: mapped onto --offload-activations")
     g.add_argument("--tiled-loss-tokens", type=int, default=0,
                    help="compute logits + cross-entropy in tiles of this many tokens (0: off)")
     g.add_argument("--tiled-mlp-tiles", type=int, default=1, help="run each MLP over this many sequence tiles")
@@ -287,6 +312,12 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
                    help="after each save, delete all but the K newest iter_* directories under --save")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="refuse to start when --load holds no checkpoint (instead of training from scratch)")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="let this run replace checkpoints under --save that it did not start from (those "
+                        "newer than the loaded iteration); without it such a run stops before training")
+    g.add_argument("--load-fallback", action="store_true",
+                   help="if the checkpoint to load is damaged or incomplete, load the newest complete one "
+                        "before it (the damaged directory is renamed *.damaged, never deleted)")
 
     upstream_compat.add_to_parser(p)
     if extra_args_provider is not None:
@@ -339,7 +370,9 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
     dp = world_size // args.ds_sequence_parallel_size
     _resolve_batch(args, dp)
     _validate_precision_and_backend(args, check_environment)
-    data = _data_config(args)
+    _validate_optimizer_flags(args)
+    _validate_optimizer_impl(args, check_environment)
+    data = _data_config(args, check_environment)
     train = _train_config(args)
     optim = _optim_config(args, train)
     vocab, true_vocab = (padded_vocab_size, None) if padded_vocab_size is not None else _vocab_sizes(data)
@@ -353,6 +386,8 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
                               distributed_timeout_minutes=args.distributed_timeout_minutes,
                               attention_backend=args.attention_backend,
                               recompute_granularity=args.recompute_granularity,
+                              recompute_method=args.recompute_method or "uniform",
+                              recompute_num_layers=args.recompute_num_layers,
                               loss_tile_tokens=args.tiled_loss_tokens, mlp_tiles=args.tiled_mlp_tiles,
                               offload_activations=args.offload_activations,
                               ulysses_overlap_chunks=args.ulysses_overlap_chunks)
@@ -402,6 +437,9 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(a, flag) is None:
             raise ConfigError(f"--{flag.replace('_', '-')} is required")
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(a, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
     if a.max_position_embeddings is None:
         a.max_position_embeddings = a.seq_length
     if a.use_rotary_position_embeddings:
@@ -429,6 +467,27 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
         a.recompute_granularity = "full"
     elif a.recompute_activations:
         a.recompute_granularity = "selective"
+    _resolve_recompute_layers(a)
+    a.notes += upstream_compat.map_fpdt(a)
+
+
+def _resolve_recompute_layers(a: argparse.Namespace) -> None:
+    """--checkpoint-num-layers (Megatron-DeepSpeed) and --recompute-method/--recompute-num-layers
+    (Megatron-LM) into one (method, layers) pair."""
+    if a.checkpoint_num_layers != 1 and a.recompute_num_layers not in (None, a.checkpoint_num_layers):
+        raise ConfigError(f"--checkpoint-num-layers ({a.checkpoint_num_layers}) and --recompute-num-layers "
+                          f"({a.recompute_num_layers}) name the same thing and disagree; pass one of them")
+    if a.checkpoint_num_layers != 1 and a.recompute_method == "block":
+        raise ConfigError("--checkpoint-num-layers chunks layers uniformly; with --recompute-method block use "
+                          "--recompute-num-layers")
+    if a.recompute_num_layers is None:
+        a.recompute_num_layers = a.checkpoint_num_layers if a.recompute_method != "block" else a.num_layers
+    if (a.recompute_method is not None or a.recompute_num_layers != 1) and a.recompute_granularity != "full":
+        raise ConfigError("--recompute-method / --recompute-num-layers / --checkpoint-num-layers apply to full "
+                          "recompute: add --checkpoint-activations (or --recompute-granularity full)")
+    if a.recompute_num_layers < 1 or a.recompute_num_layers > a.num_layers:
+        raise ConfigError(f"--recompute-num-layers / --checkpoint-num-layers must be in [1, --num-layers "
+                          f"{a.num_layers}], got {a.recompute_num_layers}")
 
 
 def _resolve_batch(a: argparse.Namespace, dp: int) -> None:
@@ -515,10 +574,14 @@ def _validate_precision_and_backend(a: argparse.Namespace, check_environment: bo
         pass  # allowed (tests exercise it); it is slow: CPU half-precision matmul is ~250x slower than fp32
 
 
-def _data_config(a: argparse.Namespace) -> DataConfig:
+def _data_config(a: argparse.Namespace, check_environment: bool = True) -> DataConfig:
     if not a.mock_data and not a.data_path:
         raise ConfigError("--data-path is required (a preprocessed prefix, or 'W1 P1 W2 P2' to blend); "
                           "use --mock-data for synthetic tokens")
+    if a.mock_data and a.data_path:
+        raise ConfigError("--mock-data and --data-path both given: --mock-data trains on synthetic tokens and would "
+                          "ignore --data-path; drop one of them")
+    _validate_data_path(a)
     if a.tokenizer_type in _BERT_TOKENIZERS:
         raise ConfigError(f"--tokenizer-type {a.tokenizer_type}: BERT WordPiece tokenizers are not supported for GPT "
                           f"pretraining; use GPT2BPETokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer or "
@@ -535,6 +598,46 @@ def _data_config(a: argparse.Namespace) -> DataConfig:
                       vocab_extra_ids=a.vocab_extra_ids, make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
                       reset_position_ids=a.reset_position_ids, reset_attention_mask=a.reset_attention_mask,
                       eod_mask_loss=a.eod_mask_loss, data_cache_path=a.data_cache_path, mock_data=a.mock_data)
+
+
+def _validate_data_path(a: argparse.Namespace) -> None:
+    """--data-path and --split syntax (the files are checked by `check_paths`)."""
+    from megatron.data.index_mapping import get_train_valid_test_split  # noqa: PLC0415
+
+    get_train_valid_test_split(a.split, 1000)  # raises ConfigError naming --split
+    if a.data_path:
+        from megatron.data.gpt_dataset import parse_data_prefix  # noqa: PLC0415
+
+        parse_data_prefix(list(a.data_path))  # raises ConfigError naming --data-path
+
+
+def _validate_optimizer_flags(a: argparse.Namespace) -> None:
+    """Values the optimizer, the loss scaler or the process group would take without complaint and
+    then misbehave with (a beta of 1.5, a negative epsilon or weight decay, a negative timeout)."""
+    def check(flag: str, value, ok: bool, must: str, fix: str = "") -> None:
+        if value is not None and not ok:  # comparisons with NaN are False, so NaN fails `ok` too
+            raise ConfigError(f"{flag} must be {must}, got {value}{'; ' + fix if fix else ''}")
+
+    check("--lr", a.lr, a.lr >= 0, ">= 0", "e.g. --lr 3e-4")
+    check("--min-lr", a.min_lr, a.min_lr >= 0, ">= 0")
+    check("--weight-decay", a.weight_decay, a.weight_decay >= 0, ">= 0 (0 disables weight decay)")
+    for flag in ("adam_beta1", "adam_beta2"):
+        v = getattr(a, flag)
+        check(f"--{flag.replace('_', '-')}", v, 0 <= v < 1, "in [0, 1)",
+              "typical values are --adam-beta1 0.9 --adam-beta2 0.95 (or 0.999)")
+    check("--adam-eps", a.adam_eps, a.adam_eps >= 0, ">= 0", "the usual value is 1e-8")
+    check("--clip-grad", a.clip_grad, a.clip_grad >= 0, ">= 0 (0 disables clipping)")
+    check("--init-method-std", a.init_method_std, a.init_method_std >= 0, ">= 0", "GPT-3 uses 0.02")
+    check("--loss-scale", a.loss_scale, a.loss_scale is None or a.loss_scale > 0, "positive",
+          "drop it for dynamic loss scaling")
+    check("--initial-loss-scale", a.initial_loss_scale, a.initial_loss_scale > 0, "positive")
+    check("--min-loss-scale", a.min_loss_scale, a.min_loss_scale > 0, "positive")
+    check("--distributed-timeout-minutes", a.distributed_timeout_minutes, a.distributed_timeout_minutes > 0,
+          "positive", "the default is 10")
+    check("--global-batch-size", a.global_batch_size, a.global_batch_size >= 1, ">= 1")
+    if a.lr == 0:
+        a.notes.append("WARNING: --lr 0: the weights never change (a learning rate of 0 at the peak); pass the "
+                       "peak learning rate, e.g. --lr 3e-4, unless you mean to train nothing (throughput runs)")
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:
@@ -600,14 +703,15 @@ def _checkpoint_config(a: argparse.Namespace, check_environment: bool) -> Checkp
             os.path.abspath(a.load) != os.path.abspath(a.save or ""):
         raise ConfigError(f"--load {a.load}: no such directory; pass the --save directory of an earlier run "
                           f"(it holds latest_checkpointed_iteration.txt), or drop --load to start from scratch")
-    if check_environment and a.exit_on_missing_checkpoint and a.load and \
-            not os.path.isfile(os.path.join(a.load, "latest_checkpointed_iteration.txt")):
+    if check_environment and a.exit_on_missing_checkpoint and a.load and not holds_checkpoint(a.load):
         raise ConfigError(f"--exit-on-missing-checkpoint: --load {a.load} holds no checkpoint "
-                          f"(no latest_checkpointed_iteration.txt); pass the --save directory of an earlier run, "
-                          f"or drop --exit-on-missing-checkpoint to start from scratch")
+                          f"(no latest_checkpointed_iteration.txt, iter_XXXXXXX directory or .metadata); pass the "
+                          f"--save directory of an earlier run, or drop --exit-on-missing-checkpoint to start from "
+                          f"scratch")
     return CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, no_save_optim=a.no_save_optim,
                             no_load_optim=a.no_load_optim, no_save_rng=a.no_save_rng, no_load_rng=a.no_load_rng,
-                            finetune=a.finetune, keep_last=a.keep_last_checkpoints)
+                            finetune=a.finetune, keep_last=a.keep_last_checkpoints,
+                            overwrite_checkpoints=a.overwrite_checkpoints, load_fallback=a.load_fallback)
 
 
 def _wandb_settings(a: argparse.Namespace, check_environment: bool) -> dict:
@@ -637,7 +741,21 @@ def _optim_config(a: argparse.Namespace, train: TrainConfig) -> OptimConfig:
                        adam_eps=a.adam_eps, clip_grad=a.clip_grad, fp16=a.fp16, bf16=a.bf16,
                        loss_scale=a.loss_scale, initial_loss_scale=a.initial_loss_scale,
                        min_loss_scale=a.min_loss_scale, loss_scale_window=a.loss_scale_window,
-                       hysteresis=a.hysteresis)
+                       hysteresis=a.hysteresis, optimizer_impl=a.optimizer_impl)
+
+
+def _validate_optimizer_impl(a: argparse.Namespace, check_environment: bool) -> None:
+    """apex FusedAdam only when asked for, only where it works (plain-tensor stages, CUDA, a CUDA build)."""
+    if a.optimizer_impl != "apex":
+        return
+    if a.zero_stage not in (0, 1):
+        raise ConfigError(f"--optimizer-impl apex works with --zero-stage 0 or 1 (plain parameters), got "
+                          f"--zero-stage {a.zero_stage}, whose FSDP parameters apex cannot step; drop "
+                          f"--optimizer-impl apex (the default torch AdamW is fused too)")
+    if check_environment:
+        from megatron.training import optimizer  # noqa: PLC0415 (imports torch; keep --help fast)
+
+        optimizer.apex_fused_adam()  # raises ConfigError naming what is missing
 
 
 def _activation(a: argparse.Namespace) -> str:

@@ -16,9 +16,15 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")  # gelu: exact (erf); gelu_tanh: O
 ROPE_SCALING_TYPES = (None, "linear", "dynamic", "yarn", "llama3")  # transformers' rope_type names
 ATTENTION_BACKENDS = ("classic", "sdpa", "flash-attn", "triton")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error the user can fix (bad flags, a damaged or mismatched checkpoint): the message says
+    what is wrong and how to fix it, and the command line prints it once, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot work; the message names the field and the fix."""
 
 
@@ -204,6 +210,8 @@ class ParallelConfig:
     distributed_timeout_minutes: float = 10.0
     attention_backend: str = "sdpa"
     recompute_granularity: str | None = None  # "full": every layer's activations; "selective": core attention
+    recompute_method: str = "uniform"  # full recompute: "uniform" chunks of layers, or "block": the first layers
+    recompute_num_layers: int = 1  # layers per recomputed chunk (uniform) or recomputed layers (block)
     loss_tile_tokens: int = 0  # > 0: logits + cross-entropy in tiles of this many tokens
     mlp_tiles: int = 1  # > 1: MLP over this many sequence tiles, recomputed per tile
     offload_activations: bool = False  # keep recomputed layers' inputs in host memory (GPU)
@@ -216,6 +224,10 @@ class ParallelConfig:
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
+        _choice("recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+        if self.recompute_num_layers < 1:
+            raise ConfigError(f"--recompute-num-layers / --checkpoint-num-layers must be >= 1, got "
+                              f"{self.recompute_num_layers}")
         if self.loss_tile_tokens < 0 or self.mlp_tiles < 1:
             raise ConfigError("--tiled-loss-tokens must be >= 0 and --tiled-mlp-tiles >= 1")
         if self.ulysses_overlap_chunks < 1:
@@ -230,7 +242,7 @@ def _choice(name: str, value, allowed) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {list(allowed)}, got {value!r}")
 
 
-__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "field"]
+__all__ = ["UserError", "ConfigError", "ModelConfig", "ParallelConfig", "field"]
 
 
 # --------------------------------------------------------------------------------------
@@ -240,6 +252,7 @@ __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "field"]
 # --------------------------------------------------------------------------------------
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+OPTIMIZER_IMPLS = ("torch", "apex")
 
 
 @dataclass(frozen=True)
@@ -289,8 +302,10 @@ class OptimConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
     hysteresis: int = 2
+    optimizer_impl: str = "torch"  # --optimizer-impl: "torch" (fused AdamW) or "apex" (FusedAdam, asked for)
 
     def __post_init__(self) -> None:
+        _choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
         _choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are mutually exclusive: pass at most one of them")
@@ -331,7 +346,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """Where checkpoints go; written with torch.distributed.checkpoint (see megatron.training.checkpointing)."""
+    """Where checkpoints go; written with torch.distributed.checkpoint (see megatron.checkpoint)."""
 
     save: str | None = None
     load: str | None = None
@@ -342,6 +357,8 @@ class CheckpointConfig:
     no_load_rng: bool = False
     finetune: bool = False  # load weights only; iteration, samples, optimizer, scaler and RNG start fresh
     keep_last: int | None = None  # --keep-last-checkpoints: older iter_* directories are deleted after a save
+    overwrite_checkpoints: bool = False  # --save may replace checkpoints this run did not start from
+    load_fallback: bool = False  # a damaged --load checkpoint: load the newest complete one before it
 
 
 @dataclass(frozen=True)
@@ -391,4 +408,4 @@ class RunConfig:
 
 
 __all__ += ["DataConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LogConfig",
-            "RunConfig", "LR_DECAY_STYLES"]
+            "RunConfig", "LR_DECAY_STYLES", "OPTIMIZER_IMPLS"]

@@ -80,6 +80,12 @@ class GPTModel(nn.Module):
             if param.device.type != "meta":
                 init(param)
 
+    def run_layers(self, x: torch.Tensor, rope, documents) -> torch.Tensor:
+        """The transformer layers in order (parallelize_gpt may recompute them in chunks)."""
+        for layer in self.layers:
+            x = layer(x, rope, documents)
+        return x
+
     @property
     def output_weight(self) -> torch.Tensor:
         return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight
@@ -107,8 +113,7 @@ class GPTModel(nn.Module):
         rope = None
         if self.rotary is not None:
             rope = self.rotary(position_ids, sequence_length if sequence_length is not None else tokens.shape[1])
-        for layer in self.layers:
-            x = layer(x, rope, documents)
+        x = self.run_layers(x, rope, documents)
         x = self.final_norm(x)
         true_vocab = self.config.true_vocab_size
         padded = true_vocab is not None and true_vocab < self.config.vocab_size

@@ -32,9 +32,9 @@ from megatron.parallel.data_parallel import apply_data_parallel
 from megatron.parallel.materialize import has_meta_parameters, materialize_
 from megatron.parallel.wrappers import (
     Recompute,
+    apply_full_recompute,
     apply_mlp_tiling,
     apply_offload,
-    apply_recompute,
     install_sequence_parallel_inputs,
 )
 
@@ -106,9 +106,10 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
         layer.attention.core_attention = build_core_attention(config, parallel, parallel_state)
         if parallel.mlp_tiles > 1:
             apply_mlp_tiling(layer.mlp, parallel.mlp_tiles)
-        if parallel.recompute_granularity == "full":
-            apply_recompute(layer)
-        if parallel.offload_activations:
+    if parallel.recompute_granularity == "full":
+        apply_full_recompute(model, parallel.recompute_method, parallel.recompute_num_layers)
+    if parallel.offload_activations:  # outermost, so that what recompute keeps is what leaves the device
+        for layer in model.layers:
             apply_offload(layer)
     if parallel.loss_tile_tokens > 0:
         model.loss = TiledLanguageModelLoss(parallel.loss_tile_tokens)
@@ -129,3 +130,28 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
     if meta:
         materialize_(model, device)
     return model
+
+
+def built_rank_facts(model: nn.Module, parallel_state) -> dict:
+    """This rank's topology as built, read back from its process groups and attention modules
+    (the counterpart of megatron.planning.plan.planned_ranks, which derives it from the flags)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from megatron.core.sequence_parallel import DistributedAttention, UlyssesRingAttention  # noqa: PLC0415
+
+    ps = parallel_state
+    ranks = lambda g: dist.get_process_group_ranks(g) if g is not None else [ps.rank]  # noqa: E731
+    inner = model.module if hasattr(model, "module") and hasattr(model, "no_sync") else model
+    attn = inner.layers[0].attention.core_attention
+    cfg = inner.config
+    if isinstance(attn, UlyssesRingAttention):
+        attn = attn.ulysses
+    if isinstance(attn, DistributedAttention):
+        me = dist.get_rank(attn.spg)
+        heads = [sum(p.local_heads(me)[i] for p in attn.head_plans(cfg.num_attention_heads, cfg.num_query_groups))
+                 for i in (0, 1)]
+    else:
+        heads = [cfg.num_attention_heads, cfg.num_query_groups]
+    return {"rank": ps.rank, "dp_rank": ps.dp_rank, "sp_rank": ps.sp_rank, "ring_rank": ps.ring_rank,
+            "ulysses_rank": ps.ulysses_rank, "sp_group": ranks(ps.sp_group), "dp_group": ranks(ps.dp_group),
+            "ulysses_group": ranks(ps.ulysses_group), "ring_group": ranks(ps.ring_group), "heads": heads}

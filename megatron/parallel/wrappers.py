@@ -7,7 +7,8 @@ names as the plain model's. FSDP2's hooks run around the replaced forward exactl
 the original (they live in `__call__`).
 
 * `apply_recompute(layer)`: full recompute (activation checkpointing): the layer keeps only
-  its inputs and recomputes the rest in backward.
+  its inputs and recomputes the rest in backward; `apply_full_recompute` applies Megatron's
+  methods (uniform chunks of layers, or a block of the first layers).
 * `Recompute(local_attention)`: selective recompute of core attention (a parameter-free module).
 * `apply_mlp_tiling(mlp, tiles)`: the MLP over sequence tiles, each recomputed in backward.
 * `apply_offload(layer)`: tensors the layer saves for backward live in pinned host memory.
@@ -47,6 +48,44 @@ def apply_recompute(layer: nn.Module) -> nn.Module:
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return run
     return replace_forward(layer, recompute)
+
+
+def apply_full_recompute(model: nn.Module, method: str = "uniform", num_layers: int = 1) -> nn.Module:
+    """Megatron's full recompute: `uniform` recomputes the layers in chunks of `num_layers` (a chunk
+    keeps only its input; backward recomputes the chunk, so the peak holds `num_layers` layers'
+    activations); `block` recomputes the first `num_layers` layers one by one and keeps the rest."""
+    layers = list(model.layers)
+    if method == "block":
+        for layer in layers[:num_layers]:
+            apply_recompute(layer)
+        return model
+    if num_layers == 1:
+        for layer in layers:
+            apply_recompute(layer)
+        return model
+
+    def chunked(run_layers):
+        @functools.wraps(run_layers)
+        def run(x, rope, documents):
+            for start in range(0, len(layers), num_layers):
+                chunk = layers[start:start + num_layers]
+
+                def run_chunk(h, chunk=chunk):
+                    for layer in chunk:
+                        h = layer(h, rope, documents)
+                    return h
+                x = checkpoint(run_chunk, x, use_reentrant=False) if torch.is_grad_enabled() else run_chunk(x)
+            return x
+        return run
+    replace_forward_of(model, "run_layers", chunked)
+    return model
+
+
+def replace_forward_of(module: nn.Module, method: str, wrap) -> nn.Module:
+    """`replace_forward` for another method of the module (e.g. GPTModel.run_layers)."""
+    setattr(module, method, wrap(getattr(module, method)))
+    module.wrapped_forwards = (*getattr(module, "wrapped_forwards", ()), f"{method}:{getattr(wrap, '__name__', wrap)}")
+    return module
 
 
 def apply_mlp_tiling(mlp: nn.Module, num_tiles: int) -> nn.Module:

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from megatron.checkpoint_conversion import ConversionError, from_hf, hf_family, to_hf
+from megatron.checkpoint.hf import ConversionError, from_hf, hf_family, to_hf
 from megatron.config import ModelConfig
 from megatron.model import GPTModel
 from tests.conversion.tiny import (

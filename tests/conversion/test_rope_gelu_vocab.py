@@ -8,7 +8,7 @@ original context (where scaling, dynamic NTK in particular, is active)."""
 import pytest
 import torch
 
-from megatron.checkpoint_conversion import from_hf, hf_family, to_hf
+from megatron.checkpoint.hf import from_hf, hf_family, to_hf
 from megatron.model import GPTModel
 from tests.conversion.tiny import hf_logits, project_logits, random_tokens, tiny_model
 from tools.checkpoint.convert_to_hf import write_hf_directory

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megatron.checkpoint_conversion import model_config_to_dict, to_hf
+from megatron.checkpoint import TRACKER, checkpoint_dir, load_checkpoint
+from megatron.checkpoint.hf import model_config_to_dict, to_hf
 from megatron.model import GPTModel
-from megatron.training.checkpointing import TRACKER, checkpoint_dir, load_checkpoint
 from tests.conversion.tiny import hf_logits, project_logits, random_tokens, tiny_config, tiny_model
 from tools.checkpoint import convert_from_hf, convert_to_hf, convert_to_torch
 

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from megatron.checkpoint_conversion import model_config_to_dict
 from tests.conversion.tiny import tiny_model
 from tools.checkpoint import convert_to_hf
 from tools.checkpoint.convert_to_torch import save_dcp_checkpoint
@@ -25,11 +24,9 @@ def test_export_carries_eod_as_eos_and_generate_stops_there(tmp_path):
     model = tiny_model("llama", untie_embeddings_and_output_weights=True)
     with torch.no_grad():  # every logit equal: greedy picks the first id, which is the EOD token
         model.output_layer.weight.zero_()
-    path = save_dcp_checkpoint(str(tmp_path / "ckpt"), model.state_dict(), model.config, iteration=1)
-    run = {"model": model_config_to_dict(model.config),
-           "data": {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tmp_path / "tokenizer.json")}}
-    with open(f"{path}/config.json", "w") as f:
-        json.dump(run, f)
+    data = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tmp_path / "tokenizer.json")}
+    save_dcp_checkpoint(str(tmp_path / "ckpt"), model.state_dict(), model.config, iteration=1,
+                        run_config={"data": data})
     assert convert_to_hf.main(["--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["eos_token_id"] == 0

@@ -5,7 +5,7 @@ warpers, and the sequence-parallel prefill + per-head decode equals one process 
 import pytest
 import torch
 
-from megatron.checkpoint_conversion import to_hf
+from megatron.checkpoint.hf import to_hf
 from megatron.config import ConfigError
 from megatron.core import parallel_state as ps
 from megatron.inference import Generator, SamplingConfig, filter_logits
@@ -122,16 +122,11 @@ def test_sp_prefill_and_per_head_decode_equal_one_process(ranks, kv_heads):
 
 def _checkpoint(tmp_path, model, vocab_ids=127):
     """A DCP checkpoint as training leaves it, with the run config (tokenizer) in config.json."""
-    import json
-
-    from megatron.checkpoint_conversion import model_config_to_dict
     from tools.checkpoint.convert_to_torch import save_dcp_checkpoint
 
-    path = save_dcp_checkpoint(str(tmp_path / "ckpt"), model.state_dict(), model.config, iteration=3)
-    run = {"model": model_config_to_dict(model.config),
-           "data": {"tokenizer_type": "NullTokenizer", "vocab_size": vocab_ids, "seq_length": 32}}
-    with open(f"{path}/config.json", "w") as f:
-        json.dump(run, f)
+    data = {"tokenizer_type": "NullTokenizer", "vocab_size": vocab_ids, "seq_length": 32}
+    save_dcp_checkpoint(str(tmp_path / "ckpt"), model.state_dict(), model.config, iteration=3,
+                        run_config={"data": data})
     return str(tmp_path / "ckpt")
 
 

@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # run as a script: make `megatron` and `tools` im
 
 import torch
 
-from megatron.checkpoint_conversion import ConversionError, from_hf, hf_model_type
+from megatron.checkpoint.format import CheckpointError
+from megatron.checkpoint.hf import ConversionError, from_hf, hf_model_type
 from megatron.config import ModelConfig
 from tools.checkpoint.convert_to_torch import (
     DTYPES,
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
         p.error("pass --output FILE.pt, --dcp DIR, or both")
     try:
         config = convert(args)
-    except ConversionError as e:
+    except CheckpointError as e:  # ConversionError is one
         print(f"error: {e}", file=sys.stderr)
         return 2
     flags = megatron_flags(config) + ["--make-vocab-size-divisible-by", str(args.make_vocab_size_divisible_by or 1)]

@@ -22,7 +22,8 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `megatron` and `tools` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron.checkpoint_conversion import ConversionError, to_hf
+from megatron.checkpoint.format import CheckpointError
+from megatron.checkpoint.hf import ConversionError, to_hf
 from tools.checkpoint.convert_to_torch import (
     DTYPES,
     add_load_args,
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         written = export(args)
-    except ConversionError as e:
+    except CheckpointError as e:  # ConversionError is one
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {', '.join(written)}")

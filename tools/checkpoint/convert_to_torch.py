@@ -3,11 +3,12 @@
     python tools/checkpoint/convert_to_torch.py --load CKPT_DIR --output model.pt
 
 The output is `{"model": state_dict, "config": ModelConfig-as-dict, "iteration": N}`,
-the format every conversion tool reads and writes. The module also holds the
-checkpoint I/O the other tools share: reading a training checkpoint directory
+the format every conversion tool reads and writes. The module also holds what the other
+tools share on top of megatron.checkpoint, whose reader and atomic writer they use: finding
+the model config in whatever a checkpoint stored, reading a training checkpoint directory
 (`<save>/latest_checkpointed_iteration.txt` + `<save>/iter_XXXXXXX/`, written by
-torch.distributed.checkpoint from any number of ranks) without torch.distributed,
-and writing plain and DCP checkpoints.
+torch.distributed.checkpoint from any number of ranks, checksums verified) without
+torch.distributed, and writing plain and DCP checkpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import dataclasses
 import json
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run as a script: make `megatron` and `tools` importable
@@ -25,10 +25,11 @@ if __package__ in (None, ""):  # run as a script: make `megatron` and `tools` im
 
 import torch
 
-from megatron.checkpoint_conversion import ConversionError, model_config_from_dict, model_config_to_dict
+from megatron.checkpoint import format as fmt
+from megatron.checkpoint.format import TRACKER, CheckpointError
+from megatron.checkpoint.hf import ConversionError, model_config_from_dict, model_config_to_dict
 from megatron.config import ModelConfig
 
-TRACKER = "latest_checkpointed_iteration.txt"  # same name as megatron.training.checkpointing
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # entries of a checkpoint that usually hold the configuration, in order of preference (any other
 # tensor-free entry is searched too)
@@ -64,77 +65,38 @@ def resolve_checkpoint(path: str, iteration: int | None = None) -> tuple[str, st
                               f"iter_XXXXXXX directories, or a file written by convert_to_torch.py")
     if os.path.isfile(path):
         return "torch", path, None
-    if os.path.isfile(os.path.join(path, ".metadata")):
-        return "dcp", path, _iteration_of(path)
-    tracker = os.path.join(path, TRACKER)
-    if iteration is None and os.path.isfile(tracker):
-        with open(tracker) as f:
-            text = f.read().strip()
-        try:
-            iteration = int(text)
-        except ValueError as e:
-            raise ConversionError(f"{tracker} holds {text!r}, not an iteration number; write the iteration of "
-                                  f"the checkpoint to load there or pass --iteration") from e
+    if os.path.isfile(os.path.join(path, fmt.METADATA)):
+        return "dcp", path, fmt.iteration_of(path)
+    if iteration is None and os.path.isfile(os.path.join(path, TRACKER)):
+        iteration = fmt.read_tracker(path)  # CheckpointError if it is not a number
     if iteration is not None:
-        sub = os.path.join(path, f"iter_{iteration:07d}")
-        if os.path.isfile(os.path.join(sub, ".metadata")):
+        sub = fmt.checkpoint_dir(path, iteration)
+        if os.path.isfile(os.path.join(sub, fmt.METADATA)):
             return "dcp", sub, iteration
-        found = sorted(d for d in os.listdir(path) if d.startswith("iter_"))
-        raise ConversionError(f"{sub} is not a DCP checkpoint (no .metadata file); checkpoints present: "
-                              f"{found or 'none'}. Pass --iteration with one of them")
+        raise ConversionError(f"{sub} is not a DCP checkpoint (no .metadata file); {fmt.found(path)}. "
+                              f"Pass --iteration with one of them")
+    newest = fmt.newest_complete(path)
+    if newest is not None:  # a --save directory that lost its tracker
+        print(f"note: {os.path.join(path, TRACKER)} is missing; reading the newest complete checkpoint, "
+              f"iteration {newest}", file=sys.stderr)
+        return "dcp", fmt.checkpoint_dir(path, newest), newest
     raise ConversionError(f"{path} is not a checkpoint: it has neither {TRACKER} (a --save directory) nor "
                           f".metadata (an iter_XXXXXXX directory). Point --load at the directory given to --save")
 
 
-def _iteration_of(dcp_dir: str) -> int | None:
-    name = os.path.basename(os.path.normpath(dcp_dir))
-    return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
-
-
 def read_dcp(path: str, roots: set | None = None) -> dict:
-    """The nested state dict of one DCP directory, restricted to the top-level keys in `roots`.
+    """The nested state dict of one DCP directory, restricted to the top-level keys in `roots`
+    (megatron.checkpoint's reader: full tensors on one process, checksums verified)."""
+    from megatron.checkpoint.storage import read_full  # noqa: PLC0415 (slow import, only for DCP inputs)
 
-    Uses only DCP's public API: shapes and dtypes come from the metadata, and `dcp.load`
-    with `no_dist=True` fills full tensors however many ranks wrote the shards, so the
-    optimizer state never has to be read just to get the weights.
-    """
-    import torch.distributed.checkpoint as dcp  # noqa: PLC0415 (slow import, only for DCP inputs)
-    from torch.distributed.checkpoint import FileSystemReader  # noqa: PLC0415
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: PLC0415
-
-    metadata = FileSystemReader(path).read_metadata()
-    lookup = metadata.planner_data or {}
-    state: dict = {}
-    for fqn, meta in metadata.state_dict_metadata.items():
-        keys = tuple(lookup.get(fqn, (fqn,)))
-        if roots is not None and keys[0] not in roots:
-            continue
-        if isinstance(meta, TensorStorageMetadata):
-            value = torch.empty(meta.size, dtype=meta.properties.dtype)
-        else:
-            value = None  # a pickled object; DCP replaces the placeholder
-        node = state
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    return state
+    return read_full(path, roots)
 
 
 def _dcp_roots(path: str) -> dict:
     """Top-level keys of a DCP checkpoint -> whether any tensor lives under them."""
-    from torch.distributed.checkpoint import FileSystemReader  # noqa: PLC0415
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: PLC0415
+    from megatron.checkpoint.storage import top_level_keys  # noqa: PLC0415
 
-    metadata = FileSystemReader(path).read_metadata()
-    lookup = metadata.planner_data or {}
-    roots: dict = {}
-    for fqn, meta in metadata.state_dict_metadata.items():
-        root = tuple(lookup.get(fqn, (fqn,)))[0]
-        roots[root] = roots.get(root, False) or isinstance(meta, TensorStorageMetadata)
-    return roots
+    return top_level_keys(fmt.read_metadata(path))
 
 
 def find_model_config(obj) -> ModelConfig | None:
@@ -228,7 +190,7 @@ def _read_json(path: str):
 
 def check_against_model(state_dict: dict, config: ModelConfig) -> None:
     """Fail now, with names, if the tensors are not exactly what `GPTModel(config)` holds."""
-    from megatron.checkpoint_conversion.common import check_keys, check_shape  # noqa: PLC0415
+    from megatron.checkpoint.hf.common import check_keys, check_shape  # noqa: PLC0415
     from megatron.model import GPTModel  # noqa: PLC0415
 
     with torch.device("meta"):  # shapes only
@@ -250,27 +212,29 @@ def save_torch_checkpoint(path: str, state_dict: dict, config: ModelConfig, iter
     torch.save(blob, path)
 
 
-def save_dcp_checkpoint(root: str, state_dict: dict, config: ModelConfig, iteration: int = 0) -> str:
-    """A `--save`-style directory (`iter_XXXXXXX/` + tracker) that `--load` reads, written by one process.
+def save_dcp_checkpoint(root: str, state_dict: dict, config: ModelConfig, iteration: int = 0,
+                        run_config: dict | None = None) -> str:
+    """A `--save`-style directory (`iter_XXXXXXX/` + tracker) that `--load` reads, written by one
+    process with the training's own atomic writer (checksums and config.json included).
+    `run_config`: more of the run's settings for config.json (e.g. its "data" part: the tokenizer).
 
     It holds the model and the counters only (no optimizer state): load it with
     `--finetune` or `--no-load-optim`.
     """
-    import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+    from megatron import __version__  # noqa: PLC0415
+    from megatron.checkpoint.storage import write_checkpoint  # noqa: PLC0415
 
-    path = os.path.join(root, f"iter_{iteration:07d}")
+    path = fmt.checkpoint_dir(root, iteration)
     if os.path.exists(path) and os.listdir(path):
         raise ConversionError(f"{path} already exists and is not empty; choose another --dcp directory or "
                               f"remove it first")
-    os.makedirs(path, exist_ok=True)
+    if os.path.isdir(path):
+        os.rmdir(path)
     state = {"model": state_dict, "iteration": iteration, "consumed_samples": 0,
              "config": model_config_to_dict(config)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-        dcp.save(state, checkpoint_id=path, no_dist=True)
-    with open(os.path.join(root, TRACKER), "w") as f:
-        f.write(str(iteration))
-    return path
+    return write_checkpoint(root, iteration, state, config={**(run_config or {}), "model": model_config_to_dict(config),
+                                                            "version": __version__},
+                            no_dist=True, log=lambda *_: None)
 
 
 def cast_state_dict(state_dict: dict, dtype_name: str | None) -> dict:
@@ -302,7 +266,7 @@ def main(argv=None) -> int:
         extra = {"run_config": ckpt.run_config} if ckpt.run_config is not None else {}
         save_torch_checkpoint(args.output, cast_state_dict(ckpt.state_dict, args.dtype), ckpt.config,
                               iteration=ckpt.iteration or 0, **_json_safe(extra))
-    except ConversionError as e:
+    except CheckpointError as e:  # ConversionError is one
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in ckpt.state_dict.values())

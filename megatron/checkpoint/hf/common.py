@@ -11,14 +11,16 @@ import dataclasses
 
 import torch
 
+from megatron.checkpoint.format import CheckpointError
 from megatron.config import ConfigError, ModelConfig
 
 SUPPORTED_HF_MODEL_TYPES = ("gpt2", "llama", "gpt_neox")
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 
 
-class ConversionError(ValueError):
-    """A checkpoint or config that cannot be converted; the message names the mismatch and the fix."""
+class ConversionError(CheckpointError, ValueError):
+    """A checkpoint or config that cannot be converted; the message names the mismatch and the fix.
+    A CheckpointError (so a UserError), and a ValueError as it always was."""
 
 
 def model_config_to_dict(config: ModelConfig) -> dict:

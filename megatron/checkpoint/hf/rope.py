@@ -10,7 +10,7 @@ context), so export writes the original context there; the project keeps it in
 
 from __future__ import annotations
 
-from megatron.checkpoint_conversion.common import ConversionError
+from megatron.checkpoint.hf.common import ConversionError
 from megatron.config import ModelConfig
 
 SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron.checkpoint_conversion import gpt2, gpt_neox, llama
-from megatron.checkpoint_conversion.common import (
+from megatron.checkpoint.hf import gpt2, gpt_neox, llama
+from megatron.checkpoint.hf.common import (
     HF_CLASSES,
     SUPPORTED_HF_MODEL_TYPES,
     ConversionError,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.checkpoint_conversion.common import (
+from megatron.checkpoint.hf.common import (
     ConversionError,
     cast,
     check_keys,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.checkpoint_conversion.common import (
+from megatron.checkpoint.hf.common import (
     ConversionError,
     cast,
     check_keys,
@@ -24,8 +24,8 @@ from megatron.checkpoint_conversion.common import (
     pad_vocab_rows,
     true_vocab_rows,
 )
-from megatron.checkpoint_conversion.gpt2 import HF_ACTIVATION, TANH_GELU_NAMES
-from megatron.checkpoint_conversion.rope import (
+from megatron.checkpoint.hf.gpt2 import HF_ACTIVATION, TANH_GELU_NAMES
+from megatron.checkpoint.hf.rope import (
     hf_max_position_embeddings,
     hf_rope_entries,
     rope_fields_from_hf,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.checkpoint_conversion.common import (
+from megatron.checkpoint.hf.common import (
     ConversionError,
     cast,
     check_keys,
@@ -19,7 +19,7 @@ from megatron.checkpoint_conversion.common import (
     pad_vocab_rows,
     true_vocab_rows,
 )
-from megatron.checkpoint_conversion.rope import (
+from megatron.checkpoint.hf.rope import (
     hf_max_position_embeddings,
     hf_rope_entries,
     rope_base_from_hf,
