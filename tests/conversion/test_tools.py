@@ -148,8 +148,13 @@ def test_config_is_found_in_any_stored_form(form, tmp_path):
 
 def test_printed_flags_rebuild_the_same_model():
     """The flags convert_from_hf prints must make pretrain_gpt.py build the converted architecture."""
-    for family in ("gpt3", "llama"):
-        config = tiny_config(family, kv_channels=8)
+    variants = [("gpt3", dict(kv_channels=8)), ("llama", dict(kv_channels=8)),
+                ("gpt3", dict(position_embedding_type="rope", rotary_percent=0.5)),  # GPT-NeoX family
+                ("gpt3", dict(activation="gelu_tanh")),
+                ("llama", dict(rope_scaling_type="yarn", rope_scaling_factor=4.0, original_max_position_embeddings=8,
+                               yarn_mscale=0.7, yarn_mscale_all_dim=1.0))]
+    for family, kw in variants:
+        config = tiny_config(family, **kw)
         got = run_config_for(config).model
         keep = ("init_method_std",)
         assert got.replace(**{k: getattr(config, k) for k in keep}) == config
