@@ -33,7 +33,7 @@ def _reader():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if root not in sys.path:
         sys.path.insert(0, root)
-    from tools.checkpoint.convert_to_torch import check_against_model, load_project_checkpoint  # noqa: PLC0415
+    from megatron.checkpoint.consolidated import check_against_model, load_project_checkpoint  # noqa: PLC0415
 
     return load_project_checkpoint, check_against_model
 
