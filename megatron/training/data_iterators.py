@@ -50,7 +50,7 @@ def dataset_num_samples(cfg: RunConfig) -> tuple:
 def _datasets(cfg: RunConfig, eod: int, num_samples: tuple):
     d = cfg.data
     if d.mock_data:
-        vocab = d.vocab_size if d.tokenizer_type == "NullTokenizer" else cfg.model.vocab_size - 1
+        vocab = d.vocab_size if d.tokenizer_type == "NullTokenizer" else cfg.model.output_vocab_size
         return tuple(MockGPTDataset(name, n, d.seq_length, vocab, eod, cfg.train.seed) if n else None
                      for name, n in zip(("train", "valid", "test"), num_samples))
     from megatron.data.gpt_dataset import build_train_valid_test_datasets  # noqa: PLC0415
@@ -58,7 +58,7 @@ def _datasets(cfg: RunConfig, eod: int, num_samples: tuple):
     needs_eod = d.reset_position_ids or d.reset_attention_mask or d.eod_mask_loss
     return build_train_valid_test_datasets(list(d.data_path), d.split, d.seq_length, num_samples, cfg.train.seed,
                                            cache_dir=d.data_cache_path, eod_token=eod if needs_eod else None,
-                                           vocab_size=cfg.model.vocab_size)
+                                           vocab_size=cfg.model.output_vocab_size)
 
 
 class TrainStream:
@@ -133,7 +133,7 @@ def build_data_iterators(cfg: RunConfig, parallel_state, consumed_samples: int):
                   data_parallel_size=ps.dp_size, seq_length=d.seq_length, sp_rank=ps.sp_rank, sp_size=ps.sp_size,
                   eod_token=eod, reset_position_ids=d.reset_position_ids,
                   reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss,
-                  ring_size=getattr(ps, "ring_size", 1), vocab_size=cfg.model.vocab_size)
+                  ring_size=getattr(ps, "ring_size", 1), vocab_size=cfg.model.output_vocab_size)
     if train_ds is None and n_train > 0 and consumed_samples < n_train:
         raise DatasetTooSmallError(
             f"the train split of --data-path {' '.join(d.data_path)} is empty: --split {d.split} gives it no "
