@@ -136,6 +136,9 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--fp16", action="store_true", default=None,
                    help="fp16 mixed precision with a loss scaler")
     g.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    g.add_argument("--fp32-residual-connection", action="store_true",
+                   help="under --bf16/--fp16 keep the residual stream (layer inputs and outputs) in fp32; by "
+                        "default it is in the training precision, as upstream")
     g.add_argument("--loss-scale", type=float, help="static fp16 loss scale (default: dynamic)")
     g.add_argument("--initial-loss-scale", type=float, help="first dynamic fp16 loss scale (default 2^32)")
     g.add_argument("--min-loss-scale", type=float, help="lowest dynamic fp16 loss scale (default 1)")
@@ -318,7 +321,8 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
                               recompute_granularity=args.recompute_granularity,
                               loss_tile_tokens=args.tiled_loss_tokens, mlp_tiles=args.tiled_mlp_tiles,
                               offload_activations=args.offload_activations,
-                              ulysses_overlap_chunks=args.ulysses_overlap_chunks)
+                              ulysses_overlap_chunks=args.ulysses_overlap_chunks,
+                              fp32_residual_connection=args.fp32_residual_connection)
     # everything the run itself would refuse (heads vs SP, sequence layout, kernels vs precision)
     _, strategy_notes = validate_strategy(model, parallel, world_size=world_size, seq_length=data.seq_length,
                                           precision=optim.dtype_name,

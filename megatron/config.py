@@ -149,6 +149,10 @@ class ParallelConfig:
     mlp_tiles: int = 1  # > 1: MLP over this many sequence tiles, recomputed per tile
     offload_activations: bool = False  # keep recomputed layers' inputs in host memory (GPU)
     ulysses_overlap_chunks: int = 1  # > 1: pipeline the all-to-alls with attention over head chunks
+    # under --bf16/--fp16 the residual stream (embedding output, every layer's input and output)
+    # is in the training precision, as upstream's Float16Module makes it; True keeps it fp32
+    # (upstream's --fp32-residual-connection). No effect in fp32.
+    fp32_residual_connection: bool = False
 
     def __post_init__(self) -> None:
         if self.sequence_parallel_size < 1:

@@ -35,7 +35,9 @@ from megatron.parallel.wrappers import (
     apply_mlp_tiling,
     apply_offload,
     apply_recompute,
+    install_residual_dtype,
     install_sequence_parallel_inputs,
+    residual_dtype,
 )
 
 FLASH_ATTN_MAX_HEAD_DIM = 256
@@ -91,8 +93,10 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
     """Apply `parallel` (a ParallelConfig) to `model` (a GPTModel, possibly on the meta device).
 
     `parallel_state` may be None for a single process. `precision` ("fp32", "bf16", "fp16")
-    sets FSDP2's parameter-gather dtype. `data_parallel=False` skips step 4 (no DDP/FSDP: the
-    caller reduces gradients itself; for tools and measurements). Returns the model to train
+    sets FSDP2's parameter-gather dtype and the residual stream's dtype (bf16/fp16 under
+    half precision unless `parallel.fp32_residual_connection`; untouched in fp32).
+    `data_parallel=False` skips step 4 (no DDP/FSDP: the caller reduces gradients itself;
+    for tools and measurements). Returns the model to train
     (DDP-wrapped for ZeRO 0/1 with more than one rank; the same object otherwise). Parameter
     names are unchanged.
     """
@@ -114,6 +118,9 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
         model.loss = TiledLanguageModelLoss(parallel.loss_tile_tokens)
     if sp:
         install_sequence_parallel_inputs(model, parallel_state)
+    dtype = residual_dtype(precision, parallel.fp32_residual_connection)
+    if dtype is not None:
+        install_residual_dtype(model, dtype)
     meta = has_meta_parameters(model)
     if not data_parallel or parallel.zero_stage in (0, 1):
         if meta:

@@ -12,6 +12,9 @@ the original (they live in `__call__`).
 * `apply_mlp_tiling(mlp, tiles)`: the MLP over sequence tiles, each recomputed in backward.
 * `apply_offload(layer)`: tensors the layer saves for backward live in pinned host memory.
 * `SequenceParallelInputs`: the model's inputs for one SP shard (position ids, documents).
+* `install_residual_dtype(model, dtype)`: the dtype of the residual stream (a hook on the
+  embedding's output; every layer then keeps it: norms return their input's dtype and the
+  branches' matmuls run in autocast's dtype).
 """
 
 from __future__ import annotations
@@ -134,4 +137,36 @@ def install_sequence_parallel_inputs(model: nn.Module, parallel_state) -> Sequen
     hook = SequenceParallelInputs(parallel_state, inspect.signature(model.forward))
     model.register_forward_pre_hook(hook, with_kwargs=True)
     model.sequence_parallel_inputs = hook
+    return hook
+
+
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def residual_dtype(precision: str, fp32_residual_connection: bool = False) -> torch.dtype | None:
+    """The residual stream's dtype under `precision`, or None when nothing is cast (fp32).
+
+    Upstream Megatron under --bf16/--fp16 runs the whole model in half precision
+    (Float16Module), so its residual stream is bf16/fp16 unless --fp32-residual-connection;
+    the same here. Half the bytes of every saved layer input and of every offloaded one.
+    """
+    if precision not in _HALF:
+        return None
+    return torch.float32 if fp32_residual_connection else _HALF[precision]
+
+
+class ResidualCast:
+    """Forward hook of the embedding: its output (the residual stream) in `dtype`."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module, args, out):
+        return out.to(self.dtype)  # the same tensor when it already has the dtype
+
+
+def install_residual_dtype(model: nn.Module, dtype: torch.dtype) -> ResidualCast:
+    hook = ResidualCast(dtype)
+    model.embedding.register_forward_hook(hook)
+    model.residual_cast = hook
     return hook
