@@ -8,7 +8,8 @@ large models); this step, as torchtitan's `parallelize_*` functions, makes it ru
    (Ulysses `DistributedAttention`, head-chunk overlap, or Ulysses x ring);
 2. the SP input handling of the model (position ids of the shard, documents of the full
    sequence, the shard-length check);
-3. MLP tiling, tiled logits + loss, full recompute, activation offload;
+3. MLP tiling, tiled logits + loss, full recompute, activation offload (one
+   `ActivationOffloader` per model, `model.activation_offloader`, for its statistics);
 4. ZeRO: DDP (stages 0/1) or FSDP2 (stages 2/3, half-precision parameter gathers under
    --bf16/--fp16);
 5. for a meta-device model: allocate this rank's shards and initialise them exactly as the
@@ -30,6 +31,7 @@ from megatron.model.attention_backends import build_local_attention
 from megatron.model.tiling import TiledLanguageModelLoss
 from megatron.parallel.data_parallel import apply_data_parallel
 from megatron.parallel.materialize import has_meta_parameters, materialize_
+from megatron.parallel.offload import ActivationOffloader
 from megatron.parallel.wrappers import (
     Recompute,
     apply_mlp_tiling,
@@ -72,7 +74,8 @@ def validate_strategy(model: ModelConfig, parallel: ParallelConfig, *, world_siz
             notes.append("--recompute-granularity selective: ring attention keeps only its output and "
                          "log-sum-exp already, so selective recompute changes nothing under --ring-attention-size")
     if parallel.offload_activations and device_type == "cpu":
-        notes.append("--offload-activations: no effect on CPU (activations already live in host memory)")
+        notes.append("--offload-activations on CPU: saved layer inputs are copied to separate host tensors, "
+                     "which saves no memory (the device is host memory); it pays off on GPUs")
     return topology, notes
 
 
@@ -106,14 +109,18 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
     world = parallel_state.world_size if parallel_state is not None else 1
     validate_strategy(config, parallel, world_size=world, precision=precision, device_type=device.type)
     sp = parallel_state is not None and parallel_state.sp_size > 1
-    for layer in model.layers:
+    offloader = None
+    if parallel.offload_activations:
+        offloader = ActivationOffloader(device, num_layers=len(model.layers))
+        model.activation_offloader = offloader
+    for index, layer in enumerate(model.layers):
         layer.attention.core_attention = build_core_attention(config, parallel, parallel_state)
         if parallel.mlp_tiles > 1:
             apply_mlp_tiling(layer.mlp, parallel.mlp_tiles)
         if parallel.recompute_granularity == "full":
             apply_recompute(layer)
-        if parallel.offload_activations:
-            apply_offload(layer)
+        if offloader is not None:
+            apply_offload(layer, offloader, index)
     if parallel.loss_tile_tokens > 0:
         model.loss = TiledLanguageModelLoss(parallel.loss_tile_tokens)
     if sp:

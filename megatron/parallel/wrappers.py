@@ -10,7 +10,8 @@ the original (they live in `__call__`).
   its inputs and recomputes the rest in backward.
 * `Recompute(local_attention)`: selective recompute of core attention (a parameter-free module).
 * `apply_mlp_tiling(mlp, tiles)`: the MLP over sequence tiles, each recomputed in backward.
-* `apply_offload(layer)`: tensors the layer saves for backward live in pinned host memory.
+* `apply_offload(layer, offloader, index)`: tensors the layer saves for backward live in
+  pinned host memory, copied on side streams and prefetched one layer ahead (offload.py).
 * `SequenceParallelInputs`: the model's inputs for one SP shard (position ids, documents).
 * `install_residual_dtype(model, dtype)`: the dtype of the residual stream (a hook on the
   embedding's output; every layer then keeps it: norms return their input's dtype and the
@@ -19,12 +20,12 @@ the original (they live in `__call__`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
 from megatron.core import comm
@@ -32,6 +33,7 @@ from megatron.core.documents import Documents
 from megatron.core.sequence_parallel.layer import check_same_local_shape
 from megatron.core.sequence_parallel.layout import sequence_permutation, sequence_shard_indices
 from megatron.model.tiling import tiled_apply
+from megatron.parallel.offload import ActivationOffloader
 
 
 def replace_forward(module: nn.Module, wrap) -> nn.Module:
@@ -61,15 +63,15 @@ def apply_mlp_tiling(mlp: nn.Module, num_tiles: int) -> nn.Module:
     return replace_forward(mlp, tiled)
 
 
-def apply_offload(layer: nn.Module) -> nn.Module:
-    """Keep what the layer saves for backward (with full recompute: just its input) in pinned
-    host memory. Meaningful on a GPU only; on CPU the tensors already live in host memory."""
+def apply_offload(layer: nn.Module, offloader: ActivationOffloader, index: int) -> nn.Module:
+    """Keep what layer `index` saves for backward (with full recompute: just its input) in host
+    memory, copied out and prefetched back asynchronously by `offloader` (megatron.parallel.offload).
+    Tensors among the other arguments (RoPE's cos/sin, shared by every layer) stay on the device."""
     def offload(forward):
         @functools.wraps(forward)
         def run(x, *args, **kwargs):
-            ctx = (torch.autograd.graph.save_on_cpu(pin_memory=True) if x.is_cuda and torch.is_grad_enabled()
-                   else contextlib.nullcontext())
-            with ctx:
+            keep = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            with offloader.layer_hooks(index, keep):
                 return forward(x, *args, **kwargs)
         return run
     return replace_forward(layer, offload)
