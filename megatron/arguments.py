@@ -199,6 +199,13 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--tiled-loss-tokens", type=int, default=0,
                    help="compute logits + cross-entropy in tiles of this many tokens (0: off)")
     g.add_argument("--tiled-mlp-tiles", type=int, default=1, help="run each MLP over this many sequence tiles")
+    g.add_argument("--tiled-projection-tiles", type=int, default=1,
+                   help="run every token-local part of a layer (norms, QKV projection + RoPE, output projection, "
+                        "residual adds; the MLP in --tiled-mlp-tiles tiles) over this many sequence tiles, forward "
+                        "and backward")
+    g.add_argument("--attention-head-chunks", type=int, default=1,
+                   help="run the local attention kernel over this many head chunks (one chunk's kernel workspace "
+                        "at a time)")
     g.add_argument("--offload-activations", "--checkpoint-in-cpu", dest="offload_activations",
                    action="store_true", help="keep saved activations in host memory (GPU only)")
 
@@ -320,6 +327,8 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
                               attention_backend=args.attention_backend,
                               recompute_granularity=args.recompute_granularity,
                               loss_tile_tokens=args.tiled_loss_tokens, mlp_tiles=args.tiled_mlp_tiles,
+                              projection_tiles=args.tiled_projection_tiles,
+                              attention_head_chunks=args.attention_head_chunks,
                               offload_activations=args.offload_activations,
                               ulysses_overlap_chunks=args.ulysses_overlap_chunks,
                               fp32_residual_connection=args.fp32_residual_connection)

@@ -8,7 +8,8 @@ large models); this step, as torchtitan's `parallelize_*` functions, makes it ru
    (Ulysses `DistributedAttention`, head-chunk overlap, or Ulysses x ring);
 2. the SP input handling of the model (position ids of the shard, documents of the full
    sequence, the shard-length check);
-3. MLP tiling, tiled logits + loss, full recompute, activation offload (one
+3. sequence tiling of every token-local part of a layer (or of its MLP only), head chunks
+   of the local attention, tiled logits + loss, full recompute, activation offload (one
    `ActivationOffloader` per model, `model.activation_offloader`, for its statistics);
 4. ZeRO: DDP (stages 0/1) or FSDP2 (stages 2/3, half-precision parameter gathers under
    --bf16/--fp16);
@@ -28,13 +29,16 @@ from megatron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron.core.sequence_parallel.hybrid import build_sp_attention
 from megatron.core.topology import Topology
 from megatron.model.attention_backends import build_local_attention
+from megatron.model.sequence_tiling import HeadChunkedAttention
 from megatron.model.tiling import TiledLanguageModelLoss
 from megatron.parallel.data_parallel import apply_data_parallel
 from megatron.parallel.materialize import has_meta_parameters, materialize_
 from megatron.parallel.offload import ActivationOffloader
 from megatron.parallel.wrappers import (
     Recompute,
+    apply_layer_tiling,
     apply_mlp_tiling,
+    apply_norm_tiling,
     apply_offload,
     apply_recompute,
     install_residual_dtype,
@@ -83,6 +87,8 @@ def build_core_attention(model_config: ModelConfig, parallel: ParallelConfig, pa
     """The core attention module of one layer under this strategy."""
     local = build_local_attention(parallel.attention_backend, causal=True, dropout_p=model_config.attention_dropout,
                                   layout="sbhd")
+    if parallel.attention_head_chunks > 1:
+        local = HeadChunkedAttention(local, parallel.attention_head_chunks)
     if parallel.recompute_granularity == "selective":
         local = Recompute(local)
     # the SP input hook checks the shard length once per shape for the whole model
@@ -115,12 +121,16 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
         model.activation_offloader = offloader
     for index, layer in enumerate(model.layers):
         layer.attention.core_attention = build_core_attention(config, parallel, parallel_state)
-        if parallel.mlp_tiles > 1:
+        if parallel.projection_tiles > 1:
+            apply_layer_tiling(layer, parallel.projection_tiles, parallel.mlp_tiles)
+        elif parallel.mlp_tiles > 1:
             apply_mlp_tiling(layer.mlp, parallel.mlp_tiles)
         if parallel.recompute_granularity == "full":
             apply_recompute(layer)
         if offloader is not None:
             apply_offload(layer, offloader, index)
+    if parallel.projection_tiles > 1:
+        apply_norm_tiling(model.final_norm, parallel.projection_tiles)
     if parallel.loss_tile_tokens > 0:
         model.loss = TiledLanguageModelLoss(parallel.loss_tile_tokens)
     if sp:

@@ -10,6 +10,9 @@ the original (they live in `__call__`).
   its inputs and recomputes the rest in backward.
 * `Recompute(local_attention)`: selective recompute of core attention (a parameter-free module).
 * `apply_mlp_tiling(mlp, tiles)`: the MLP over sequence tiles, each recomputed in backward.
+* `apply_layer_tiling(layer, tiles, mlp_tiles)`: every token-local part of the layer (norms,
+  QKV projection + RoPE, output projection, MLP, residual adds) over sequence tiles.
+* `apply_norm_tiling(norm, tiles)`: a norm over sequence tiles (the final norm).
 * `apply_offload(layer, offloader, index)`: tensors the layer saves for backward live in
   pinned host memory, copied on side streams and prefetched one layer ahead (offload.py).
 * `SequenceParallelInputs`: the model's inputs for one SP shard (position ids, documents).
@@ -24,6 +27,7 @@ import functools
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
@@ -61,6 +65,81 @@ def apply_mlp_tiling(mlp: nn.Module, num_tiles: int) -> nn.Module:
             return tiled_apply(forward, x, num_tiles)
         return run
     return replace_forward(mlp, tiled)
+
+
+def _params(*modules: nn.Module) -> list:
+    return [p for m in modules for p in m.parameters()]
+
+
+def apply_layer_tiling(layer: nn.Module, tiles: int, mlp_tiles: int) -> nn.Module:
+    """Every token-local part of a transformer layer over sequence tiles, forward and backward.
+
+    The layer computes what `TransformerLayer.forward` computes, in three `tiled_map`s around
+    core attention: input norm + QKV projection + RoPE (`tiles` tiles), output projection +
+    residual add (`tiles`), post-attention norm + MLP + residual add (`mlp_tiles`). Each keeps
+    only its input for backward (the layer input, the attention output, the mid-layer residual)
+    and never holds more than one tile's norm output, fp32 copies, RoPE temporaries or MLP
+    intermediate; the residual adds write into one buffer. With hidden dropout active the adds
+    are not fused (dropout draws are not recomputed tile by tile).
+    """
+    from megatron.model.rotary import apply_rotary  # noqa: PLC0415
+    from megatron.model.sequence_tiling import tiled_map  # noqa: PLC0415
+
+    attn = layer.attention
+    nq, nkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+
+    def tiled(forward):
+        @functools.wraps(forward)
+        def run(x, rope=None, segment_ids=None):
+            drop = layer.hidden_dropout if layer.training else 0.0
+            cos_sin = rope if attn.use_rope else None
+
+            def pre(rows, xt):  # [tt, b, h] -> [tt, b, (nq + 2 nkv) d]
+                y = attn.qkv(layer.input_norm(xt))
+                if cos_sin is None:
+                    return y
+                q, k, v = y.split([nq * d, nkv * d, nkv * d], dim=-1)
+                cos, sin = cos_sin[0][rows], cos_sin[1][rows]
+                q = apply_rotary(q.unflatten(-1, (nq, d)), cos, sin).flatten(-2)
+                k = apply_rotary(k.unflatten(-1, (nkv, d)), cos, sin).flatten(-2)
+                return torch.cat([q, k, v], dim=-1)
+
+            qkv = tiled_map(pre, (x,), _params(layer.input_norm, attn.qkv), tiles)
+            q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+            ctx = attn.core_attention(q.unflatten(-1, (nq, d)), k.unflatten(-1, (nkv, d)),
+                                      v.unflatten(-1, (nkv, d)), segment_ids=segment_ids)  # [s, b, nq, d]
+            del q, k, v, qkv
+
+            def proj(rows, c):  # [tt, b, nq, d] -> [tt, b, h]
+                return attn.proj(c.reshape(c.shape[0], c.shape[1], nq * d))
+
+            if drop:
+                x = x + F.dropout(tiled_map(proj, (ctx,), _params(attn.proj), tiles), p=drop)
+            else:
+                x = tiled_map(proj, (ctx,), _params(attn.proj), tiles, residual=x)
+            del ctx
+
+            def mlp(rows, xt):
+                return layer.mlp(layer.post_attention_norm(xt))
+
+            mlp_params = _params(layer.post_attention_norm, layer.mlp)
+            if drop:
+                return x + F.dropout(tiled_map(mlp, (x,), mlp_params, mlp_tiles), p=drop)
+            return tiled_map(mlp, (x,), mlp_params, mlp_tiles, residual=x)
+        return run
+    return replace_forward(layer, tiled)
+
+
+def apply_norm_tiling(norm: nn.Module, tiles: int) -> nn.Module:
+    """A norm over sequence tiles: one tile's fp32 copies at a time, forward and backward."""
+    from megatron.model.sequence_tiling import tiled_map  # noqa: PLC0415
+
+    def tiled(forward):
+        @functools.wraps(forward)
+        def run(x):
+            return tiled_map(lambda rows, t: forward(t), (x,), list(norm.parameters()), tiles)
+        return run
+    return replace_forward(norm, tiled)
 
 
 def apply_offload(layer: nn.Module, offloader: ActivationOffloader, index: int) -> nn.Module:
