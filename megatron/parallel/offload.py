@@ -13,7 +13,9 @@ at 4M tokens on SP 8). `ActivationOffloader` moves them out and back:
 * backward: the unpack hook of layer i (called when its recompute starts) waits for its
   host-to-device copy, then starts layer i-1's copy on another side stream (`h2d`), so
   the next layer's input arrives while this layer recomputes and runs backward: one
-  layer in flight, as DeepSpeed's and torchao's offload do.
+  layer in flight, as DeepSpeed's and torchao's offload do. A sequence-tiled layer
+  (`deferred`) asks for it later, from a hook on its QKV gradient: once its attention
+  backward, the peak of the layer, is done, so the copy never adds to that peak.
 * the last layer's input is not offloaded (`skip_last`): its backward starts right after
   the loss, before a copy could come back.
 
@@ -46,7 +48,7 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 def _storage_key(t: torch.Tensor):
     try:
-        return (t.device, t.untyped_storage().data_ptr())
+        return t.untyped_storage()._cdata  # the storage's identity (fake tensors have no data pointer)
     except (RuntimeError, NotImplementedError):
         return None
 
@@ -55,7 +57,7 @@ class _Packed:
     """One offloaded tensor: its host copy (or only its metadata) and, once fetched, the device copy."""
 
     __slots__ = ("layer", "shape", "dtype", "device", "nbytes", "host", "d2h_done", "device_copy", "h2d_done",
-                 "unpacked", "key", "uses", "__weakref__")
+                 "unpacked", "key", "uses", "storage", "__weakref__")
 
     def __init__(self, layer: int, t: torch.Tensor) -> None:
         self.layer, self.shape, self.dtype, self.device = layer, t.shape, t.dtype, t.device
@@ -96,6 +98,9 @@ class ActivationOffloader:
         self._d2h = self._h2d = None
         self._layers: dict[int, list] = {}  # layer -> weakrefs to its handles, in pack order
         self._pending_d2h: list = []  # (layer, event) of copies not known to be done, oldest first
+        # layers whose backward asks for the previous layer's tensors itself (`prefetch`), later than
+        # their unpack: after their attention backward, the moment of their peak, is over
+        self.deferred: set[int] = set()
         self.reset_stats()
 
     # --- statistics -----------------------------------------------------------------------
@@ -140,14 +145,17 @@ class ActivationOffloader:
         if not offload or isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad) \
                 or t.device != self.device or _storage_key(t) in kept or t.numel() == 0:
             return _Resident(index, t)  # stays; unpacking it still prefetches the layer before
-        key = (_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        storage = t.untyped_storage()
+        key = (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         for ref in self._layers[index]:  # the same tensor saved twice (by two ops): one copy
             other = ref()
-            if other is not None and other.key == key and not other.unpacked:
+            # the very same storage object, alive (an address may be reused once a storage is freed)
+            if other is not None and other.key == key and not other.unpacked and other.storage() is storage:
                 other.uses += 1
                 return other
         h = _Packed(index, t)
         h.key = key
+        h.storage = weakref.ref(storage)
         if _is_fake(t):  # full-scale estimation: nothing to copy
             pass
         elif self.cuda:
@@ -164,7 +172,8 @@ class ActivationOffloader:
 
     def _unpack(self, h):
         if isinstance(h, _Resident):
-            self._prefetch(h.layer - 1)
+            if h.layer not in self.deferred:
+                self._prefetch(h.layer - 1)
             return h.tensor
         if h.device_copy is None:
             self._fetch(h)
@@ -178,7 +187,8 @@ class ActivationOffloader:
         if h.uses <= 0:
             h.device_copy = h.h2d_done = None  # the callers' references are the only ones left
             h.unpacked = True
-        self._prefetch(h.layer - 1)
+        if h.layer not in self.deferred:
+            self._prefetch(h.layer - 1)
         return out
 
     # --- copies ---------------------------------------------------------------------------
@@ -222,6 +232,10 @@ class ActivationOffloader:
             h.device_copy = torch.empty(h.shape, dtype=h.dtype, device=h.device)
             h.device_copy.copy_(h.host, non_blocking=True)
             h.h2d_done = h2d.record_event()
+
+    def prefetch(self, index: int) -> None:
+        """Start bringing back layer `index`'s tensors now (called from a backward hook of layer index+1)."""
+        self._prefetch(index)
 
     def _prefetch(self, index: int) -> None:
         """Start bringing back layer `index`'s tensors (the next layer backward will need)."""

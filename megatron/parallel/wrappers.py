@@ -34,6 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.core import comm
 from megatron.core.documents import Documents
+from megatron.core.sequence_parallel.all_to_all import exchange
+from megatron.core.sequence_parallel.layer import _pack
 from megatron.core.sequence_parallel.layer import check_same_local_shape
 from megatron.core.sequence_parallel.layout import sequence_permutation, sequence_shard_indices
 from megatron.model.tiling import tiled_apply
@@ -104,13 +106,49 @@ def apply_layer_tiling(layer: nn.Module, tiles: int, mlp_tiles: int) -> nn.Modul
                 k = apply_rotary(k.unflatten(-1, (nkv, d)), cos, sin).flatten(-2)
                 return torch.cat([q, k, v], dim=-1)
 
-            qkv = tiled_map(pre, (x,), _params(layer.input_norm, attn.qkv), tiles)
-            q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
-            ctx = attn.core_attention(q.unflatten(-1, (nq, d)), k.unflatten(-1, (nkv, d)),
-                                      v.unflatten(-1, (nkv, d)), segment_ids=segment_ids)  # [s, b, nq, d]
-            del q, k, v, qkv
+            prefetch = getattr(layer, "offload_prefetch", None)
+            ulysses = _packed_ulysses(attn.core_attention, nq, nkv)
+            if ulysses is not None:
+                # the tiles write the all-to-all's send buffer [P, s/P, b, c, d] themselves: no
+                # [s/P, b, (nq + 2 nkv) d] QKV output exists besides it
+                da, plan, widths = ulysses
+                p, c = plan.size, sum(widths)
 
-            def proj(rows, c):  # [tt, b, nq, d] -> [tt, b, h]
+                def packed(rows, xt):
+                    y = pre(rows, xt)
+                    q, k, v = y.split([nq * d, nkv * d, nkv * d], dim=-1)
+                    send, _ = _pack([q.unflatten(-1, (nq, d)), k.unflatten(-1, (nkv, d)), v.unflatten(-1, (nkv, d))],
+                                    [plan.q_heads, plan.kv_heads, plan.kv_heads], 0)
+                    return send.view(p, *xt.shape[:2], c, d)  # [p, tt, b, c, d]
+
+                send = tiled_map(packed, (x,), _params(layer.input_norm, attn.qkv), tiles, out_dim=1)
+                if prefetch is not None and send.requires_grad:  # the layer's attention backward is over
+                    send.register_hook(lambda grad: prefetch())
+                s_local, b = send.shape[1], send.shape[2]
+                recv = exchange(send.view(-1), None, None, da.spg)  # [p * s/p * b * c * d]
+                del send
+                # every source sent its s/p tokens: [p, s/p, b, c, d] -> [s, b, c, d]
+                q, k, v = recv.view(p * s_local, b, c, d).split(widths, dim=2)
+                del recv
+                out = da.local_attn(q, k, v, segment_ids=segment_ids)  # [s, b, hq/p, d]
+                del q, k, v
+                if out.dim() == 3:
+                    out = out.unflatten(-1, (-1, d))
+                # my heads of every token back to the token's rank: [p, s/p, b, hq/p, d]
+                back = exchange(out.reshape(-1), None, None, da.spg).view(p, s_local, b, out.shape[2], d)
+                del out
+                ctx = back.movedim(0, 2)  # [s/p, b, p, hq/p, d]: global head order, a view
+                del back
+            else:
+                qkv = tiled_map(pre, (x,), _params(layer.input_norm, attn.qkv), tiles)
+                if prefetch is not None and qkv.requires_grad:  # the layer's attention backward is over
+                    qkv.register_hook(lambda grad: prefetch())
+                q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+                ctx = attn.core_attention(q.unflatten(-1, (nq, d)), k.unflatten(-1, (nkv, d)),
+                                          v.unflatten(-1, (nkv, d)), segment_ids=segment_ids)  # [s, b, nq, d]
+                del q, k, v, qkv
+
+            def proj(rows, c):  # [tt, b, nq, d] (or [tt, b, p, nq/p, d]) -> [tt, b, h]
                 return attn.proj(c.reshape(c.shape[0], c.shape[1], nq * d))
 
             if drop:
@@ -128,6 +166,23 @@ def apply_layer_tiling(layer: nn.Module, tiles: int, mlp_tiles: int) -> nn.Modul
             return tiled_map(mlp, (x,), mlp_params, mlp_tiles, residual=x)
         return run
     return replace_forward(layer, tiled)
+
+
+def _packed_ulysses(core_attention, nq: int, nkv: int):
+    """(DistributedAttention, head plan, per-rank [q, k, v] head widths) when a tiled layer can write
+    the all-to-all's send buffer directly: plain Ulysses over P > 1 ranks, Q/K/V fused in one
+    exchange, no head-chunk overlap, the same number of heads for every rank."""
+    from megatron.core.sequence_parallel.layer import DistributedAttention  # noqa: PLC0415
+
+    if type(core_attention) is not DistributedAttention or core_attention.overlap_chunks != 1 \
+            or not core_attention.fuse_qkv or core_attention.gather_idx != 0 or core_attention.world_size == 1:
+        return None
+    plans = core_attention.head_plans(nq, nkv)
+    plan = plans[0]
+    widths = {(len(plan.q_heads[u]), len(plan.kv_heads[u]), len(plan.kv_heads[u])) for u in range(plan.size)}
+    if len(plans) != 1 or len(widths) != 1:
+        return None
+    return core_attention, plan, list(widths.pop())
 
 
 def apply_norm_tiling(norm: nn.Module, tiles: int) -> nn.Module:
@@ -153,6 +208,9 @@ def apply_offload(layer: nn.Module, offloader: ActivationOffloader, index: int) 
             with offloader.layer_hooks(index, keep):
                 return forward(x, *args, **kwargs)
         return run
+    if "tiled" in getattr(layer, "wrapped_forwards", ()):  # the tiled layer says when to prefetch
+        layer.offload_prefetch = functools.partial(offloader.prefetch, index - 1)
+        offloader.deferred.add(index)
     return replace_forward(layer, offload)
 
 

@@ -75,3 +75,41 @@ def _storage_key(t: torch.Tensor):
         return id(t.untyped_storage())
     except (RuntimeError, NotImplementedError):
         return None
+
+
+class DebugMemoryTracker(MemoryTracker):
+    """MemoryTracker that also remembers, at the peak, which operator made each live storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[int, tuple[int, str]] = {}
+        self.at_peak: list[tuple[int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._current = str(func)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def _track(self, t):
+        before = self.peak
+        super()._track(t)
+        try:
+            key = id(t.untyped_storage())
+        except (RuntimeError, NotImplementedError):
+            return
+        if key in self._seen and key not in self._made:
+            nbytes = t.untyped_storage().nbytes()
+            where = getattr(self, "_current", "?")
+            if nbytes >= 2 ** 26:  # where in the project's code the big ones come from
+                import traceback  # noqa: PLC0415
+
+                frames = [f for f in traceback.extract_stack() if "/megatron/" in f.filename
+                          and "memory_tracker" not in f.filename]
+                where += " @ " + " < ".join(f"{f.filename.split('/megatron/')[-1]}:{f.lineno}"
+                                            for f in reversed(frames[-3:]))
+            self._made[key] = (nbytes, where)
+        if self.peak > before:
+            self.at_peak = sorted((v for k, v in self._made.items() if k in self._seen), reverse=True)
+
+    def _free(self, key, nbytes):
+        super()._free(key, nbytes)
+        self._made.pop(key, None)

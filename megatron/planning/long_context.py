@@ -1,0 +1,48 @@
+"""Every long-context memory trick at once, sized for a sequence length: what `--longest` plans.
+
+`every_trick(model, N, world)` is the strategy for the longest sequences: Ulysses SP over
+the whole world (ring attention only where the query heads run out), ZeRO-3 with bf16
+gathers, full recompute with the layer inputs offloaded to host memory, every token-local
+part of a layer in sequence tiles (each tile's intermediates about `TILE_BYTES`), the loss
+in tiles of `[tile, vocab]` fp32 logits of about `TILE_BYTES`, and the local attention one
+query head at a time. Tile counts grow with N so that no tile's intermediates grow with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from megatron.config import ModelConfig, ParallelConfig
+
+TILE_BYTES = 2 ** 30  # intermediates of one tile (fp32 logits, MLP, QKV + fp32 norm copies) aimed at
+
+
+def sequence_parallel_layout(model: ModelConfig, world_size: int) -> tuple[int, int]:
+    """(SP, ring): SP over every rank; Ulysses up to the query-head count, a ring beyond it."""
+    heads = model.num_attention_heads
+    if world_size <= heads:
+        return world_size, 1
+    ring = math.ceil(world_size / heads)
+    while world_size % ring:
+        ring += 1
+    return world_size, ring
+
+
+def every_trick(model: ModelConfig, seq_length: int, world_size: int, *, attention_backend: str = "sdpa",
+                precision_bytes: int = 2, tile_bytes: int = TILE_BYTES) -> ParallelConfig:
+    """The ParallelConfig with every memory trick on, its tiles sized for `seq_length` tokens."""
+    sp, ring = sequence_parallel_layout(model, world_size)
+    t = max(1, seq_length // sp)
+    v, h = model.vocab_size, model.hidden_size
+    fc1 = (2 if model.activation == "swiglu" else 1) * model.ffn_hidden_size
+    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * model.kv_channels
+    loss_tile = max(128, 2 ** int(math.log2(max(1, tile_bytes // (4 * v)))))
+    # per token of a tile: the MLP's fc1 output and activations; the QKV output + fp32 norm and RoPE copies
+    mlp_tiles = max(1, math.ceil(t * (fc1 + model.ffn_hidden_size) * precision_bytes / tile_bytes))
+    projection_tiles = max(1, math.ceil(t * (qkv * precision_bytes + 4 * (2 * h + qkv)) / tile_bytes))
+    heads_per_rank = math.ceil(model.num_attention_heads / (sp // ring))
+    return ParallelConfig(sequence_parallel_size=sp, ring_attention_size=ring, zero_stage=3,
+                          attention_backend=attention_backend, recompute_granularity="full",
+                          loss_tile_tokens=loss_tile, mlp_tiles=mlp_tiles, projection_tiles=projection_tiles,
+                          offload_activations=True, attention_head_chunks=heads_per_rank,
+                          fp32_residual_connection=False)
