@@ -42,7 +42,8 @@ from megatron.planning.memory_estimate import (  # noqa: E402
 )
 
 _PHASE_NAMES = {"forward_end": "end of forward (logits + loss)", "loss_backward": "loss backward",
-                "layer_forward": "last layer forward (attention)", "layer_backward": "last layer backward"}
+                "layer_forward": "last layer forward (attention)", "layer_backward": "last layer backward",
+                "first_forward": "a layer's first forward"}
 
 
 def _add(group, parser, flag: str, **kw) -> None:

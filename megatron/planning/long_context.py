@@ -46,3 +46,45 @@ def every_trick(model: ModelConfig, seq_length: int, world_size: int, *, attenti
                           loss_tile_tokens=loss_tile, mlp_tiles=mlp_tiles, projection_tiles=projection_tiles,
                           offload_activations=True, attention_head_chunks=heads_per_rank,
                           fp32_residual_connection=False)
+
+
+def plan(model: ModelConfig, seq_length: int, world_size: int, *, precision: str = "bf16", device: str = "cuda",
+         attention_backend: str = "sdpa", micro_batch_size: int = 1, **overrides) -> dict:
+    """`estimate_memory` of `model` at `seq_length` with every trick on (fields of ParallelConfig in
+    `overrides` replace every_trick's choices); the estimate carries its `parallel` config."""
+    from megatron.planning.memory_estimate import estimate_memory  # noqa: PLC0415
+
+    parallel = every_trick(model, seq_length, world_size, attention_backend=attention_backend).replace(**overrides)
+    est = estimate_memory(model, seq_length, micro_batch_size=micro_batch_size,
+                          data_parallel_size=world_size // parallel.sequence_parallel_size, precision=precision,
+                          device=device, parallel=parallel)
+    est["parallel"] = parallel
+    return est
+
+
+def longest_sequence(model: ModelConfig, world_size: int, budget_bytes: float, *, limit: int = 1 << 30,
+                     **settings) -> tuple[int, dict | None]:
+    """The longest N (a multiple of the SP granularity) whose step fits `budget_bytes` per rank with
+    every trick on, and its plan; (0, None) when nothing fits."""
+    from megatron.planning.memory_estimate import sequence_granularity  # noqa: PLC0415
+
+    sp, ring = sequence_parallel_layout(model, world_size)
+    step = sequence_granularity(sp, ring)
+
+    def fits(n: int):
+        est = plan(model, n, world_size, **settings)
+        return est if est["peak"] <= budget_bytes else None
+
+    if fits(step) is None:
+        return 0, None
+    lo, hi = 1, 2
+    while hi * step <= limit and fits(hi * step) is not None:
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit // step + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid * step) is not None:
+            lo = mid
+        else:
+            hi = mid
+    return lo * step, fits(lo * step)

@@ -22,7 +22,7 @@ CUDA in what it allocates (output + fp32 log-sum-exp). Compare with the planner'
 
 Run as a script (a process of its own: it initialises the fake process group):
 
-    python -m megatron.planning.fake_measure --preset llama3-8b --world-size 8 --seq-length 4194304 --json
+    python -m megatron.planning.measure --preset llama3-8b --world-size 8 --seq-length 4194304 --json
 """
 
 from __future__ import annotations
@@ -46,18 +46,23 @@ PRESETS = {
 }
 
 
-def measure_step(model: ModelConfig, seq_length: int, parallel: ParallelConfig, *, world_size: int,
-                 precision: str = "bf16", micro_batch_size: int = 1, debug: bool = False) -> dict:
-    """Peak bytes of one forward + backward of rank 0 (SP = parallel.sequence_parallel_size, DP =
-    world / SP), under fake tensors. Initialises the fake process group if none exists.
+def measure_step(model: ModelConfig, seq_length: int, parallel: ParallelConfig, *, world_size: int | None = None,
+                 precision: str = "bf16", micro_batch_size: int = 1, debug: bool = False, fake: bool = True) -> dict:
+    """Peak bytes of one forward + backward of this rank (rank 0 of a fake group: SP =
+    parallel.sequence_parallel_size, DP = world / SP), counted by MemoryTracker.
 
-    Returns `peak` (all tracked device bytes at the peak), `static` (parameter shards,
-    gradients, Adam state before the step), `peak_above_states` (= peak - static), `host_peak`
-    and `bytes_offloaded` (from the activation offloader), `peak_snapshot` (bytes by category)
-    and `seconds`.
+    `fake=True`: under FakeTensorMode, initialising torch's fake process group of `world_size`
+    ranks if none exists. `fake=False`: real tensors on the CPU, on the process group that
+    exists (the test pool's gloo ranks) or none for SP 1 (small-scale validation).
+
+    Returns `peak` (all tracked bytes at the peak), `static` (parameter shards, gradients,
+    Adam state before the step), `peak_above_states` (= peak - static), `moments` (the peak
+    of the forward, of the loss backward, and of the layers' backward, above the states),
+    `host_peak` and `bytes_offloaded` (from the activation offloader) and `seconds`.
     """
+    import contextlib  # noqa: PLC0415
+
     from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: PLC0415
 
     from megatron.core import parallel_state as ps  # noqa: PLC0415
     from megatron.model import GPTModel  # noqa: PLC0415
@@ -65,51 +70,75 @@ def measure_step(model: ModelConfig, seq_length: int, parallel: ParallelConfig, 
     from megatron.planning.memory_tracker import DebugMemoryTracker, MemoryTracker  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    if not dist.is_initialized():
+    if fake and not dist.is_initialized():
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: PLC0415
+
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    elif dist.get_world_size() != world_size:
+    elif world_size is not None and dist.is_initialized() and dist.get_world_size() != world_size:
         raise RuntimeError(f"a process group of {dist.get_world_size()} ranks exists; need {world_size}")
-    state = ps.initialize_model_parallel(sequence_parallel_size=parallel.sequence_parallel_size,
-                                         ring_attention_size=parallel.ring_attention_size)
+    state = None
+    if dist.is_initialized():
+        state = ps.initialize_model_parallel(sequence_parallel_size=parallel.sequence_parallel_size,
+                                             ring_attention_size=parallel.ring_attention_size)
     local = seq_length // parallel.sequence_parallel_size
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode:
+        torch.manual_seed(0)
         with torch.device("meta"):
             net = GPTModel(model)
-        net = parallelize_gpt(net, state, parallel, device=torch.device("cpu"), precision=precision).train()
-        hook = getattr(net, "sequence_parallel_inputs", None)
-        if hook is not None:  # the shard-length check all-gathers a value: nothing to gather here
-            hook._checked.add(local)
-        for module in net.modules():
-            if hasattr(module, "_checked"):
-                module._checked.add(local)
+        net = parallelize_gpt(net, state, parallel, device=torch.device("cpu"), precision=precision,
+                              data_parallel=state is not None).train()
+        if fake:  # the shard-length checks all-gather a value: nothing to gather here
+            for module in (net, *net.modules()):
+                for holder in (module, getattr(module, "sequence_parallel_inputs", None)):
+                    if holder is not None and hasattr(holder, "_checked"):
+                        holder._checked.add(local)
         params = list(net.parameters())
         # the state between steps: sharded fp32 gradients and Adam's two fp32 moments
         states = []
         for p in params:
-            shard = p.to_local() if hasattr(p, "to_local") else p
-            p.grad = p.detach().new_zeros(p.shape) if not hasattr(p, "to_local") else _zeros_like_dtensor(p)
+            shard = _local(p)
+            p.grad = _zeros_like_dtensor(p) if hasattr(p, "to_local") else torch.zeros_like(p)
             states += [torch.zeros_like(shard), torch.zeros_like(shard)]
-        tokens = torch.randint(0, model.vocab_size, (micro_batch_size, local))
-        labels = torch.randint(0, model.vocab_size, (micro_batch_size, local))
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, model.vocab_size, (micro_batch_size, local), generator=g)
+        labels = torch.randint(0, model.vocab_size, (micro_batch_size, local), generator=g)
         tracker = DebugMemoryTracker() if debug else MemoryTracker()
         tracker.track_existing([*(_local(p) for p in params), *(_local(p.grad) for p in params), *states])
         static = tracker.live
         autocast = torch.autocast("cpu", dtype=half, cache_enabled=False) if half is not None else _null()
+        moments = {}
+
+        def loss_backward_done(grad):  # the last layer's output gets its gradient: its backward starts
+            moments["loss_backward"] = tracker.peak
+            tracker.reset_peak()
+
+        def watch(module, args, out):
+            if out.requires_grad:
+                out.register_hook(loss_backward_done)
+
+        last = getattr(net, "module", net).layers[-1].register_forward_hook(watch)
         with tracker:
             with autocast:
                 loss = net(tokens, labels=labels)
+            moments["forward"] = tracker.peak
+            tracker.reset_peak()
             loss.float().sum().backward()
             del loss
-        peak_snap = {"Total": tracker.peak}
+            moments["layers_backward"] = tracker.peak
+        last.remove()
+        peak_snap = {"Total": max(moments.values())}
     offloader = getattr(net, "activation_offloader", None)
     off = offloader.stats() if offloader is not None else {"host_peak": 0, "bytes_offloaded": 0}
     return {
         "peak": peak_snap["Total"], "static": static, "peak_above_states": peak_snap["Total"] - static,
         "host_peak": off["host_peak"], "bytes_offloaded": off["bytes_offloaded"],
-        "peak_snapshot": {str(k): v for k, v in peak_snap.items()},
+        "moments": {k: v - static for k, v in moments.items()},  # peaks above the states
         "seconds": time.perf_counter() - t0,
-        "largest_at_peak": [(n, op) for n, op in getattr(tracker, "at_peak", [])[:30]],
+        "largest_at_peak": [(n, op) for n, op in getattr(tracker, "at_peak", [])[:200]],
+        "at_peak_total": sum(n for n, _ in getattr(tracker, "at_peak", [])),
+        "at_peak_count": len(getattr(tracker, "at_peak", [])),
     }
 
 
@@ -153,6 +182,8 @@ def main(argv=None) -> int:
     parallel = every_trick(model, args.seq_length, args.world_size, attention_backend="sdpa").replace(**fields)
     out = measure_step(model, args.seq_length, parallel, world_size=args.world_size, precision=args.precision,
                        debug=args.debug)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     out["parallel"] = {k: getattr(parallel, k) for k in parallel.__dataclass_fields__}
     if args.json:
         print(json.dumps(out))
@@ -161,6 +192,9 @@ def main(argv=None) -> int:
         print(f"N={args.seq_length:,} world {args.world_size}: peak {out['peak'] / gib:.2f} GiB (static "
               f"{out['static'] / gib:.2f}, above {out['peak_above_states'] / gib:.2f}), host peak "
               f"{out['host_peak'] / gib:.2f} GiB, {out['seconds']:.1f} s")
+        if args.debug:
+            print(f"  {out['at_peak_count']} storages made in the step alive at the peak, "
+                  f"{out['at_peak_total'] / gib:.2f} GiB")
         for n, op in out["largest_at_peak"]:
             print(f"  {n / gib:8.3f} GiB  {op}")
     return 0
