@@ -14,6 +14,20 @@ import math
 
 from megatron.config import ModelConfig, ParallelConfig
 
+PRESETS = {
+    # Meta's Llama-3-8B shape (RoPE base 500000); vocab 128256 is already a multiple of 128
+    "llama3-8b": lambda: ModelConfig.llama(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                                           num_query_groups=8, ffn_hidden_size=14336, vocab_size=128256,
+                                           max_position_embeddings=1 << 26, rotary_base=500000.0,
+                                           hidden_dropout=0.0, attention_dropout=0.0),
+    # the 1.3B GPT-3 layout of examples_seq_parallel (24 x 2048, 16 heads, GeLU, LayerNorm, tied
+    # embeddings) with RoPE: learned positions would need an N x h table at millions of tokens
+    "gpt-1.3b-rope": lambda: ModelConfig.gpt3(num_layers=24, hidden_size=2048, num_attention_heads=16,
+                                              vocab_size=50304, max_position_embeddings=1 << 26,
+                                              position_embedding_type="rope", hidden_dropout=0.0,
+                                              attention_dropout=0.0),
+}
+
 TILE_BYTES = 2 ** 30  # intermediates of one tile (fp32 logits, MLP, QKV + fp32 norm copies) aimed at
 
 
@@ -63,9 +77,10 @@ def plan(model: ModelConfig, seq_length: int, world_size: int, *, precision: str
 
 
 def longest_sequence(model: ModelConfig, world_size: int, budget_bytes: float, *, limit: int = 1 << 30,
-                     **settings) -> tuple[int, dict | None]:
+                     host_budget_bytes: float | None = None, **settings) -> tuple[int, dict | None]:
     """The longest N (a multiple of the SP granularity) whose step fits `budget_bytes` per rank with
-    every trick on, and its plan; (0, None) when nothing fits."""
+    every trick on (and whose offloaded activations fit `host_budget_bytes` of host memory per
+    rank, when given), and its plan; (0, None) when nothing fits."""
     from megatron.planning.memory_estimate import sequence_granularity  # noqa: PLC0415
 
     sp, ring = sequence_parallel_layout(model, world_size)
@@ -73,7 +88,8 @@ def longest_sequence(model: ModelConfig, world_size: int, budget_bytes: float, *
 
     def fits(n: int):
         est = plan(model, n, world_size, **settings)
-        return est if est["peak"] <= budget_bytes else None
+        host_ok = host_budget_bytes is None or est["host_activations"] <= host_budget_bytes
+        return est if est["peak"] <= budget_bytes and host_ok else None
 
     if fits(step) is None:
         return 0, None
@@ -88,3 +104,13 @@ def longest_sequence(model: ModelConfig, world_size: int, budget_bytes: float, *
         else:
             hi = mid
     return lo * step, fits(lo * step)
+
+
+def describe_strategy(parallel: ParallelConfig) -> str:
+    """One line of what every_trick chose."""
+    ring = f" x ring {parallel.ring_attention_size}" if parallel.ring_attention_size > 1 else ""
+    return (f"bf16 (bf16 residual stream), {parallel.attention_backend} attention over "
+            f"{parallel.attention_head_chunks} head chunk(s), Ulysses SP {parallel.sequence_parallel_size}{ring}, "
+            f"ZeRO-{parallel.zero_stage} (bf16 gathers), full recompute, layer inputs offloaded to host memory, "
+            f"layer parts in {parallel.projection_tiles} tiles, MLP in {parallel.mlp_tiles} tiles, loss in tiles "
+            f"of {parallel.loss_tile_tokens} tokens")

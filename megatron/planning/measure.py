@@ -36,15 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.config import ModelConfig, ParallelConfig
-
-PRESETS = {
-    # Meta's Llama-3-8B shape (RoPE base 500000); vocab 128256 is already a multiple of 128
-    "llama3-8b": lambda: ModelConfig.llama(num_layers=32, hidden_size=4096, num_attention_heads=32,
-                                           num_query_groups=8, ffn_hidden_size=14336, vocab_size=128256,
-                                           max_position_embeddings=1 << 24, rotary_base=500000.0,
-                                           hidden_dropout=0.0, attention_dropout=0.0),
-}
-
+from megatron.planning.long_context import PRESETS, every_trick
 
 def measure_step(model: ModelConfig, seq_length: int, parallel: ParallelConfig, *, world_size: int | None = None,
                  precision: str = "bf16", micro_batch_size: int = 1, debug: bool = False, fake: bool = True) -> dict:
@@ -176,8 +168,6 @@ def main(argv=None) -> int:
     model = PRESETS[args.preset]()
     if args.num_layers:
         model = model.replace(num_layers=args.num_layers)
-    from megatron.planning.long_context import every_trick  # noqa: PLC0415
-
     fields = json.loads(args.parallel)
     parallel = every_trick(model, args.seq_length, args.world_size, attention_backend="sdpa").replace(**fields)
     out = measure_step(model, args.seq_length, parallel, world_size=args.world_size, precision=args.precision,

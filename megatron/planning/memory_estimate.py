@@ -433,12 +433,18 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
     prefetched = saved[recompute] if offload else 0
     others = stored - saved[recompute]  # what the rest of the model holds while one layer runs
     if tiled:
-        ph = tiled_memory.phases(g, recompute)
-        fwd_keys = ("pre", "exchange", "attention", "projection", "mlp")
-        layer_fwd = max(ph[k] for k in fwd_keys)
+        terms = tiled_memory.phase_terms(g, recompute)
         # a tiled layer asks for the previous layer's tensors after its attention backward
-        late = ("send gradient", "pre backward")
-        layer_bwd = max(ph[k] + (prefetched if k in late else 0) for k in ph if k not in fwd_keys)
+        for k in ("send gradient", "pre backward"):
+            if prefetched and terms[k]:
+                terms[k]["prefetched input of the next layer (offload)"] = prefetched
+        ph = {k: sum(v.values()) for k, v in terms.items()}
+        fwd_keys = ("pre", "exchange", "attention", "projection", "mlp")
+        fwd_moment = max(fwd_keys, key=ph.get)
+        bwd_moment = max((k for k in ph if k not in fwd_keys), key=ph.get)
+        layer_fwd, layer_bwd = ph[fwd_moment], ph[bwd_moment]
+        layer_terms = {"layer_forward": (fwd_moment, terms[fwd_moment]),
+                       "layer_backward": (bwd_moment, terms[bwd_moment])}
         bwd_x = layer_bwd - saved[recompute]
     else:
         bwd_x = _layer_backward_extra(g, per_layer[None if recompute == "full" else recompute])
@@ -446,6 +452,10 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
         full_layer = saved[None] if recompute == "full" else saved[recompute]
         layer_bwd = full_layer + bwd_x + prefetched
         layer_fwd = _layer_forward_peak(g, recompute) + prefetched
+        layer_terms = {"layer_forward": ("attention", {"the layer's forward working set": layer_fwd}),
+                       "layer_backward": ("backward", {"the layer's saved set": full_layer,
+                                                       "its backward workspace": bwd_x,
+                                                       "prefetched layer (offload)": prefetched})}
 
     # parameters the step holds beyond its shard: FSDP's gathered copies (bf16 under half
     # precision: MixedPrecisionPolicy), gradient buffers of one layer before its reduce-scatter,
@@ -497,6 +507,28 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
     }
     peak_phase = max(phases, key=phases.get)
     peak = static + phases[peak_phase]
+    # the terms of the peak, largest first: what to shrink to go longer
+    peak_terms = {"parameters (fp32 shard)": states["parameters"], "gradients (fp32 shard)": states["gradients"],
+                  "optimizer state (Adam shard)": states["optimizer state"]}
+    if peak_phase in ("layer_forward", "layer_backward"):
+        moment, layer_items = layer_terms[peak_phase]
+        peak_terms["other layers' saved inputs on the device"] = others
+        peak_terms.update({f"{name} ({moment})": b for name, b in layer_items.items()})
+        if peak_phase == "layer_backward":
+            peak_terms["one layer's unsharded gradients + reduce-scatter input (ZeRO)"] = grad_buffers
+            peak_terms["output weight gradient (ZeRO)"] = root_grads
+    elif peak_phase == "first_forward":
+        peak_terms["a layer's first forward (input, Q/K/V buffers, outputs)"] = phases[peak_phase] - gathered - emb
+        peak_terms["RoPE cos/sin, embedding"] = emb
+    else:
+        peak_terms["saved activations on the device"] = stored
+        peak_terms["logits and loss (saved + one tile)"] = loss["saved"] + loss[
+            "forward" if peak_phase == "forward_end" else "backward"]
+    if peak_phase != "first_forward":
+        peak_terms["gathered parameters (ZeRO)"] = gathered if peak_phase != "loss_backward" else \
+            (gathered - pb * layer_params if zero == 3 and L > 1 else gathered)
+    peak_terms["autocast weight copies"] = copies.get(peak_phase, 0)
+    peak_terms = dict(sorted(((k, v) for k, v in peak_terms.items() if v), key=lambda kv: -kv[1]))
     # softmax statistics (or score matrices) of every layer that keeps them; with full
     # recompute, of the one layer being recomputed
     if tiled:
@@ -524,6 +556,7 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
         "per_layer": per_layer[recompute],
         "phases": {k: static + x for k, x in phases.items()},
         "peak_phase": peak_phase,
+        "peak_terms": peak_terms,
         "peak": peak,
         "peak_above_states": phases[peak_phase],
         "static": static,

@@ -102,32 +102,45 @@ def attention_backward_extra(g) -> int:
     return dq + dkv + kernel + workspace
 
 
-def phases(g, recompute: str | None) -> dict:
-    """Bytes of one layer at each moment of its recomputed forward and its backward, beyond the rest
-    of the model (its own input X and the incoming gradient G included; other layers' not)."""
+def phase_terms(g, recompute: str | None) -> dict:
+    """Each moment of one layer's recomputed forward and backward, as {buffer: bytes}, beyond the
+    rest of the model (its own input X and the incoming gradient G included; other layers' not)."""
     s, tile = sizes(g), _tile_terms(g)
     X, QKV, OUT, O, OB, X1, LSE = (s[k] for k in ("X", "QKV", "OUT", "O", "OB", "X1", "LSE"))
-    G = X  # the gradient arriving from the layer above (residual dtype)
     ulysses = g.ulysses > 1
-    send = QKV if ulysses else 0
-    attn_saved = QKV + OUT + LSE
     proj_in = OB if ulysses else O
-    out = {
-        "pre": X + G + QKV + tile["pre_fwd"],
-        "exchange": X + G + send + QKV,
-        "attention": X + G + attn_saved + O + (OB if ulysses else 0),
-        "projection": X + G + attn_saved + proj_in + X1 + tile["proj_fwd"],
-        "mlp": X + G + attn_saved + proj_in + X1 + X + tile["mlp_fwd"],  # + the layer output
-        "mlp backward": X + G + attn_saved + proj_in + X1 + X1 + tile["mlp_bwd"],
-        "projection backward": X + attn_saved + proj_in + X1 + proj_in + tile["proj_bwd"],
-        "attention backward": X + attn_saved + X1 + O + attention_backward_extra(g),
-        "qkv gradient": X + X1 + 2 * QKV,  # dQ, dK, dV and their concatenation (the receive gradient)
-        "send gradient": X + X1 + 2 * send + (0 if ulysses else QKV),
-        "pre backward": X + X1 + QKV + X + tile["pre_bwd"],
+    base = {"layer input": X, "incoming gradient": X}
+    saved = {**base, "attention inputs (Q, K, V)": QKV, "attention outputs kept by the kernel": OUT + LSE}
+    after = {"layer input": X, "attention inputs (Q, K, V)": QKV, "attention outputs kept by the kernel": OUT + LSE}
+    return {
+        "pre": {**base, "QKV send buffer" if ulysses else "QKV output": QKV, "one tile": tile["pre_fwd"]},
+        "exchange": {**base, "QKV send buffer": QKV, "QKV receive buffer": QKV} if ulysses else {},
+        "attention": {**saved, "attention output": O, **({"returned heads": OB} if ulysses else {})},
+        "projection": {**saved, "projection input": proj_in, "residual after attention": X1,
+                       "one tile": tile["proj_fwd"]},
+        "mlp": {**saved, "projection input": proj_in, "residual after attention": X1, "layer output": X,
+                "one tile": tile["mlp_fwd"]},
+        "mlp backward": {**saved, "projection input": proj_in, "residual after attention": X1,
+                         "its gradient": X1, "one tile (recomputed, with gradients)": tile["mlp_bwd"]},
+        "projection backward": {**after, "projection input": proj_in, "gradient after attention": X1,
+                                "projection input gradient": proj_in,
+                                "one tile (recomputed, with gradients)": tile["proj_bwd"]},
+        "attention backward": {**after, "gradient after attention": X1, "attention output gradient": O,
+                               "dQ, fp32 dK/dV, one chunk's kernel gradients and workspace":
+                               attention_backward_extra(g)},
+        "qkv gradient": {"layer input": X, "gradient after attention": X1, "dQ, dK, dV": QKV,
+                         "receive buffer gradient": QKV},
+        "send gradient": {"layer input": X, "gradient after attention": X1,
+                          **({"receive buffer gradient": QKV, "send buffer gradient": QKV} if ulysses
+                             else {"QKV output gradient": 2 * QKV})},
+        "pre backward": {"layer input": X, "gradient after attention": X1, "QKV gradient": QKV,
+                         "layer input gradient": X, "one tile (recomputed, with gradients)": tile["pre_bwd"]},
     }
-    if not ulysses:  # no exchanges: Q, K, V are views of the QKV output
-        out["exchange"] = 0
-    return out
+
+
+def phases(g, recompute: str | None) -> dict:
+    """Bytes of one layer at each moment of its recomputed forward and its backward (phase_terms summed)."""
+    return {k: sum(v.values()) for k, v in phase_terms(g, recompute).items()}
 
 
 def first_forward(g) -> int:
