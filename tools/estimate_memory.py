@@ -42,7 +42,12 @@ if __package__ in (None, ""):  # run as a script: make `megatron` importable
 
 from megatron.arguments import build_parser, config_from_args  # noqa: E402
 from megatron.config import ConfigError, RunConfig  # noqa: E402
-from megatron.planning.long_context import PRESETS, describe_strategy, longest_sequence  # noqa: E402
+from megatron.planning.long_context import (  # noqa: E402
+    PRESETS,
+    describe_strategy,
+    longest_sequence,
+    strategy_flags,
+)
 from megatron.planning.memory_estimate import (  # noqa: E402
     GIB,
     estimate_memory,
@@ -274,6 +279,7 @@ def _describe_longest(model, r: dict, args) -> str:
                      "alone may exceed the budget: use more GPUs)")
         return "\n".join(lines)
     lines += [f"every trick: {describe_strategy(est['parallel'])}",
+              f"flags: {strategy_flags(est['parallel'])}",
               f"longest sequence: {n:,} tokens ({est['tokens_per_rank']:,} per GPU), peak "
               f"{_gib(est['peak'])} GiB per GPU at the {_PHASE_NAMES[est['peak_phase']]}",
               f"host memory for offloaded layer inputs: {_gib(est['host_activations'])} GiB per GPU, "

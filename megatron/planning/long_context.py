@@ -111,6 +111,20 @@ def describe_strategy(parallel: ParallelConfig) -> str:
     ring = f" x ring {parallel.ring_attention_size}" if parallel.ring_attention_size > 1 else ""
     return (f"bf16 (bf16 residual stream), {parallel.attention_backend} attention over "
             f"{parallel.attention_head_chunks} head chunk(s), Ulysses SP {parallel.sequence_parallel_size}{ring}, "
-            f"ZeRO-{parallel.zero_stage} (bf16 gathers), full recompute, layer inputs offloaded to host memory, "
+            f"ZeRO-{parallel.zero_stage}{' (bf16 gathers)' if parallel.zero_stage >= 2 else ''}, full recompute, "
+            f"layer inputs offloaded to host memory, "
             f"layer parts in {parallel.projection_tiles} tiles, MLP in {parallel.mlp_tiles} tiles, loss in tiles "
             f"of {parallel.loss_tile_tokens} tokens")
+
+
+def strategy_flags(parallel: ParallelConfig) -> str:
+    """The pretrain_gpt.py flags of an every_trick strategy."""
+    flags = ["--bf16", f"--ds-sequence-parallel-size {parallel.sequence_parallel_size}",
+             f"--zero-stage {parallel.zero_stage}", f"--attention-backend {parallel.attention_backend}",
+             "--recompute-granularity full", "--offload-activations",
+             f"--tiled-projection-tiles {parallel.projection_tiles}", f"--tiled-mlp-tiles {parallel.mlp_tiles}",
+             f"--tiled-loss-tokens {parallel.loss_tile_tokens}",
+             f"--attention-head-chunks {parallel.attention_head_chunks}"]
+    if parallel.ring_attention_size > 1:
+        flags.append(f"--ring-attention-size {parallel.ring_attention_size}")
+    return " ".join(flags)
