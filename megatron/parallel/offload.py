@@ -207,7 +207,7 @@ class ActivationOffloader:
         layers = {layer for layer, _ in self._pending_d2h}
         if len(layers) >= self.max_in_flight and h.layer not in layers:
             oldest = self._pending_d2h[0][0]
-            for layer, event in [p for p in self._pending_d2h if p[0] == oldest]:
+            for _, event in [p for p in self._pending_d2h if p[0] == oldest]:
                 compute.wait_event(event)
             self._pending_d2h = [p for p in self._pending_d2h if p[0] != oldest]
         d2h.wait_stream(compute)  # t is written by work queued on the compute stream

@@ -35,8 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron.core import comm
 from megatron.core.documents import Documents
 from megatron.core.sequence_parallel.all_to_all import exchange
-from megatron.core.sequence_parallel.layer import _pack
-from megatron.core.sequence_parallel.layer import check_same_local_shape
+from megatron.core.sequence_parallel.layer import _pack, check_same_local_shape
 from megatron.core.sequence_parallel.layout import sequence_permutation, sequence_shard_indices
 from megatron.model.tiling import tiled_apply
 from megatron.parallel.offload import ActivationOffloader

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from megatron.config import ModelConfig, ParallelConfig
 from megatron.planning.long_context import PRESETS, every_trick
 
+
 def measure_step(model: ModelConfig, seq_length: int, parallel: ParallelConfig, *, world_size: int | None = None,
                  precision: str = "bf16", micro_batch_size: int = 1, debug: bool = False, fake: bool = True) -> dict:
     """Peak bytes of one forward + backward of this rank (rank 0 of a fake group: SP =

@@ -8,7 +8,7 @@ and the last two read the returned heads in place. Its memory is a short list of
   X    the layer input (and every residual-stream tensor): r bytes per element
   S, R the all-to-all send and receive buffers of Q, K, V (a bytes; R is what attention reads)
   OUT  the attention kernel's outputs, one per head chunk, kept for its backward
-  O    their concatenation, sent back; OB what comes back (the output projection's input)
+  O    their concatenation, sent back (OA in the code); OB what comes back (the projection's input)
   X1   the residual after attention (the MLP block's input)
   LSE  the kernel's fp32 log-sum-exp
 
@@ -106,16 +106,16 @@ def phase_terms(g, recompute: str | None) -> dict:
     """Each moment of one layer's recomputed forward and backward, as {buffer: bytes}, beyond the
     rest of the model (its own input X and the incoming gradient G included; other layers' not)."""
     s, tile = sizes(g), _tile_terms(g)
-    X, QKV, OUT, O, OB, X1, LSE = (s[k] for k in ("X", "QKV", "OUT", "O", "OB", "X1", "LSE"))
+    X, QKV, OUT, OA, OB, X1, LSE = (s[k] for k in ("X", "QKV", "OUT", "O", "OB", "X1", "LSE"))
     ulysses = g.ulysses > 1
-    proj_in = OB if ulysses else O
+    proj_in = OB if ulysses else OA
     base = {"layer input": X, "incoming gradient": X}
     saved = {**base, "attention inputs (Q, K, V)": QKV, "attention outputs kept by the kernel": OUT + LSE}
     after = {"layer input": X, "attention inputs (Q, K, V)": QKV, "attention outputs kept by the kernel": OUT + LSE}
     return {
         "pre": {**base, "QKV send buffer" if ulysses else "QKV output": QKV, "one tile": tile["pre_fwd"]},
         "exchange": {**base, "QKV send buffer": QKV, "QKV receive buffer": QKV} if ulysses else {},
-        "attention": {**saved, "attention output": O, **({"returned heads": OB} if ulysses else {})},
+        "attention": {**saved, "attention output": OA, **({"returned heads": OB} if ulysses else {})},
         "projection": {**saved, "projection input": proj_in, "residual after attention": X1,
                        "one tile": tile["proj_fwd"]},
         "mlp": {**saved, "projection input": proj_in, "residual after attention": X1, "layer output": X,
@@ -125,7 +125,7 @@ def phase_terms(g, recompute: str | None) -> dict:
         "projection backward": {**after, "projection input": proj_in, "gradient after attention": X1,
                                 "projection input gradient": proj_in,
                                 "one tile (recomputed, with gradients)": tile["proj_bwd"]},
-        "attention backward": {**after, "gradient after attention": X1, "attention output gradient": O,
+        "attention backward": {**after, "gradient after attention": X1, "attention output gradient": OA,
                                "dQ, fp32 dK/dV, one chunk's kernel gradients and workspace":
                                attention_backward_extra(g)},
         "qkv gradient": {"layer input": X, "gradient after attention": X1, "dQ, dK, dV": QKV,
@@ -147,16 +147,16 @@ def first_forward(g) -> int:
     """One layer's peak in the first forward under full recompute (nothing saved, no gradient), the
     layer input included; under offload, on CUDA, the previous layer's input may still be copying out."""
     s, tile = sizes(g), _tile_terms(g)
-    X, QKV, O, OB, X1 = (s[k] for k in ("X", "QKV", "O", "OB", "X1"))
+    X, QKV, OA, OB, X1 = (s[k] for k in ("X", "QKV", "O", "OB", "X1"))
     ulysses = g.ulysses > 1
     chunks = len(head_chunks(g.hl, g.kvl, g.p.attention_head_chunks))
     in_flight = X if g.p.offload_activations and g.device == "cuda" else 0
     return in_flight + max(
         X + QKV + tile["pre_fwd"],
         X + 2 * QKV if ulysses else 0,  # send and receive buffers
-        X + QKV + O * (2 if chunks > 1 and not ulysses else 1),
-        X + O + OB if ulysses else 0,
-        X + (OB if ulysses else O) + X1 + tile["proj_fwd"],
+        X + QKV + OA * (2 if chunks > 1 and not ulysses else 1),
+        X + OA + OB if ulysses else 0,
+        X + (OB if ulysses else OA) + X1 + tile["proj_fwd"],
         X + X1 + X + tile["mlp_fwd"],
     )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.config import ModelConfig, ParallelConfig
+from megatron.config import ParallelConfig
 from megatron.model import GPTModel
 from megatron.model.sequence_tiling import head_chunks, tiled_map
 from megatron.parallel import parallelize_gpt
