@@ -50,7 +50,7 @@ SETTINGS = {
     "+ full recompute": {"loss_tile_tokens": 1024, "mlp_tiles": 8, "recompute_granularity": "full"},
     "+ offload": {"loss_tile_tokens": 1024, "mlp_tiles": 8, "recompute_granularity": "full",
                   "offload_activations": True},
-    "+ tiled layer, head chunks": {"loss_tile_tokens": 1024, "mlp_tiles": 8, "recompute_granularity": "full",
+    "+ tiled layer + head chunks": {"loss_tile_tokens": 1024, "mlp_tiles": 8, "recompute_granularity": "full",
                                    "offload_activations": True, "projection_tiles": 8, "attention_head_chunks": 2},
 }
 

@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
     ap.add_argument("--num-layers", type=int, help="override the preset's layer count (reduced-scale runs)")
+    ap.add_argument("--model-json", help="ModelConfig fields as JSON, replacing the preset's (e.g. a tiny model)")
     ap.add_argument("--world-size", type=int, default=8)
     ap.add_argument("--seq-length", type=int, required=True)
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
@@ -167,6 +168,9 @@ def main(argv=None) -> int:
     ap.add_argument("--debug", action="store_true", help="list the largest storages alive at the peak")
     args = ap.parse_args(argv)
     model = PRESETS[args.preset]()
+    if args.model_json:
+        fields = json.loads(args.model_json)
+        model = (ModelConfig.llama if fields.pop("family", "llama") == "llama" else ModelConfig.gpt3)(**fields)
     if args.num_layers:
         model = model.replace(num_layers=args.num_layers)
     fields = json.loads(args.parallel)

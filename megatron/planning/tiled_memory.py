@@ -110,9 +110,10 @@ def phase_terms(g, recompute: str | None) -> dict:
     ulysses = g.ulysses > 1
     proj_in = OB if ulysses else OA
     base = {"layer input": X, "incoming gradient": X}
+    out: dict
     saved = {**base, "attention inputs (Q, K, V)": QKV, "attention outputs kept by the kernel": OUT + LSE}
     after = {"layer input": X, "attention inputs (Q, K, V)": QKV, "attention outputs kept by the kernel": OUT + LSE}
-    return {
+    out = {
         "pre": {**base, "QKV send buffer" if ulysses else "QKV output": QKV, "one tile": tile["pre_fwd"]},
         "exchange": {**base, "QKV send buffer": QKV, "QKV receive buffer": QKV} if ulysses else {},
         "attention": {**saved, "attention output": OA, **({"returned heads": OB} if ulysses else {})},
@@ -136,6 +137,27 @@ def phase_terms(g, recompute: str | None) -> dict:
         "pre backward": {"layer input": X, "gradient after attention": X1, "QKV gradient": QKV,
                          "layer input gradient": X, "one tile (recomputed, with gradients)": tile["pre_bwd"]},
     }
+    return _ring_terms(g, out) if g.ring > 1 else out
+
+
+def _ring_terms(g, terms: dict) -> dict:
+    """Ulysses x ring: the QKV output stays referenced through attention (the generic path), the ring's
+    output is what its backward keeps (not a second copy), and its fp32 accumulators (ring.py):
+    forward the fp32 output and the K/V block in flight; backward fp32 dQ, K/V and fp32 dK/dV blocks
+    with the ones in flight, and one block's kernel copies."""
+    m, a, d = g.m, g.act, g.m.kv_channels
+    kv = 2 * g.na * g.kvl * d
+    block = g.n_head_out + 2 * g.na * g.hl * d
+    qkv_out = a * g.t * g.qkv_width
+    for k in ("attention", "projection", "mlp", "mlp backward"):
+        terms[k].pop("attention outputs kept by the kernel", None)
+        terms[k]["attention output kept by the ring (+ log-sum-exp)"] = a * g.n_head_out + sizes(g)["LSE"]
+    terms["attention"].pop("attention output", None)
+    terms["attention"]["QKV output (referenced through attention)"] = qkv_out
+    terms["attention"]["ring: fp32 output accumulator, K/V blocks in flight"] = 2 * 4 * g.n_head_out + 2 * a * kv
+    ring_bwd = 4 * g.n_head_out + 2 * a * kv + 2 * 4 * kv + a * (block + 2 * g.n_head_out) + 4 * block
+    terms["attention backward"]["dQ, fp32 dK/dV, one chunk's kernel gradients and workspace"] = ring_bwd
+    return terms
 
 
 def phases(g, recompute: str | None) -> dict:
@@ -151,7 +173,13 @@ def first_forward(g) -> int:
     ulysses = g.ulysses > 1
     chunks = len(head_chunks(g.hl, g.kvl, g.p.attention_head_chunks))
     in_flight = X if g.p.offload_activations and g.device == "cuda" else 0
+    ring = 0
+    if g.ring > 1:  # the generic path: the QKV output, send and receive buffers, the ring's fp32 output
+        qkv_out, kv = g.act * g.t * g.qkv_width, 2 * g.na * g.kvl * g.m.kv_channels
+        ring = max(X + qkv_out + 2 * QKV,
+                   X + qkv_out + QKV + 2 * 4 * g.n_head_out + 2 * g.act * kv + g.act * g.n_head_out)
     return in_flight + max(
+        ring,
         X + QKV + tile["pre_fwd"],
         X + 2 * QKV if ulysses else 0,  # send and receive buffers
         X + QKV + OA * (2 if chunks > 1 and not ulysses else 1),

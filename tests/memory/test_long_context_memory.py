@@ -93,3 +93,19 @@ def test_reduced_full_scale_under_fake_tensors_matches_the_plan():
     cfg = PRESETS["llama3-8b"]().replace(num_layers=2)
     par = ParallelConfig(**measured["parallel"])
     assert_plan_matches(measured, cfg, 1 << 19, par, "bf16", world=8, what="Llama-3-8B x2 layers, 512k, SP 8")
+
+
+def test_ulysses_ring_hybrid_under_fake_tensors_matches_the_plan():
+    """The tiled layer around Ulysses (2) x ring (2) attention: the generic path and ring.py's fp32
+    accumulators, one rank of SP 4 / ZeRO-3, bf16, under fake tensors."""
+    model = dict(num_layers=3, hidden_size=256, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=512,
+                 vocab_size=512, max_position_embeddings=1 << 20, hidden_dropout=0.0, attention_dropout=0.0)
+    fields = dict(sequence_parallel_size=4, ring_attention_size=2, zero_stage=3, projection_tiles=4, mlp_tiles=4,
+                  attention_head_chunks=2, loss_tile_tokens=256, recompute_granularity="full",
+                  offload_activations=True, attention_backend="sdpa")
+    out = subprocess.run([sys.executable, "-m", "megatron.planning.measure", "--model-json", json.dumps(model),
+                          "--parallel", json.dumps(fields), "--world-size", "4", "--seq-length", "65536", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, check=True, timeout=300)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    assert_plan_matches(measured, ModelConfig.llama(**model), 65536, ParallelConfig(**fields), "bf16", world=4,
+                        what="Ulysses 2 x ring 2")
