@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         cpu = estimate_memory(model, seq, precision="bf16", device="cpu", parallel=par)
         cuda = estimate_memory(model, seq, precision="bf16", device="cuda", parallel=par)
         ph, st = cpu["phases"], cpu["static"]
-        planned = [max(ph["forward_end"], ph["first_forward"]) - st, ph["loss_backward"] - st,
+        planned = [max(ph["forward_end"], ph.get("first_forward", 0)) - st, ph["loss_backward"] - st,
                    max(ph["layer_forward"], ph["layer_backward"]) - st]
         measured = [m["moments"][k] for k in ("forward", "loss_backward", "layers_backward")]
         err = (cpu["peak"] - m["peak"]) / m["peak"]

@@ -445,6 +445,8 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
         if tiled and recompute == "full" else 0,
         "layer_backward": others + layer_bwd + copies["layer_backward"] + gathered + grad_buffers + root_grads,
     }
+    if not phases["first_forward"]:
+        del phases["first_forward"]
     peak_phase = max(phases, key=phases.get)
     peak = static + phases[peak_phase]
     # the terms of the peak, largest first: what to shrink to go longer

@@ -36,7 +36,7 @@ TRICKS = dict(projection_tiles=4, mlp_tiles=4, attention_head_chunks=4, loss_til
 
 def _moments(est: dict) -> dict:
     ph, st = est["phases"], est["static"]
-    return {"forward": max(ph["forward_end"], ph["first_forward"]) - st,
+    return {"forward": max(ph["forward_end"], ph.get("first_forward", 0)) - st,
             "loss_backward": ph["loss_backward"] - st,
             "layers_backward": max(ph["layer_forward"], ph["layer_backward"]) - st}
 
