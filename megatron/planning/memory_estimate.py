@@ -6,22 +6,31 @@ megatron/model (which tensors autograd saves per layer, which buffers the Ulysse
 all-to-alls allocate, what the loss materialises) and megatron/training (how each ZeRO
 stage stores parameters, gradients and Adam state). It is validated against exact
 measurements of CPU steps (tests/memory/), where `MemoryTracker` counts live tensor bytes
-the way the CUDA caching allocator's "allocated" counter does.
+the way the CUDA caching allocator's "allocated" counter does, and at full scale against
+the real model under fake tensors (megatron/planning/measure.py).
 
 A step's peak is the static state (parameters, gradients, optimizer state) plus the
-largest of four moments of the step:
+largest of these moments of the step:
 
+  first_forward   (sequence-tiled layers, full recompute) a layer's first forward
   forward_end     every layer's saved activations + the logits/loss forward
   loss_backward   the same + the cross-entropy gradient buffers
   layer_forward   attention of the last layer: all-to-all buffers and attention workspace
   layer_backward  the last layer's backward (with full recompute: its recomputed activations)
 
+Sequence-tiled layers (--tiled-projection-tiles) have their own model, tiled_memory.py.
+With activation offload every layer but the last keeps its saved set in host memory
+(`host_activations`), and one more layer's set is on the device while it is prefetched.
+
 Precision: parameters, gradients and Adam state are fp32 in every mode (fp32 master
 weights, megatron/training/precision.py); bf16/fp16 run the matmuls under autocast, so
-saved inputs of linear layers and attention are 2 bytes, norms, residual stream and
-softmax statistics stay fp32, and autocast's bf16 copies of the weights are alive while
-they are saved for backward (and, with its weight cache, until the forward ends).
-`device="cuda"` stores dropout masks as bool (1 byte); on CPU they take the dtype's bytes.
+saved inputs of linear layers and attention are 2 bytes, the residual stream is in the
+training precision unless --fp32-residual-connection (norms compute in fp32 copies),
+softmax statistics stay fp32, and autocast's bf16 copies of fp32 weights are alive while
+they are saved for backward (and, with its weight cache, until the forward ends). Under
+ZeRO-2/3 FSDP2 gathers the weights in bf16: no copies then, 2-byte gathered parameters.
+`device="cuda"` stores dropout masks as bool (1 byte) and adds kernel-private workspace
+(the flash backward's fp32 dQ accumulator, logsumexp's temporaries); on CPU they are absent.
 """
 
 from __future__ import annotations
