@@ -180,6 +180,7 @@ def report(cfg: RunConfig, est: dict, settings: dict, budget: float, gpu: float,
         _row(f"activations kept for backward ({rec})", est["activations"]),
         f"    (no recompute {est['activations_no_recompute'] / GIB:.2f} | selective "
         f"{est['activations_selective_recompute'] / GIB:.2f} | full {est['activations_full_recompute'] / GIB:.2f})",
+        _row("activations offloaded to host memory", est["host_activations"]),
         _row("logits + loss (saved + peak)", est["logits_loss"]),
         _row("all-to-all buffers (one layer)", est["all_to_all_buffers"]),
         _row("attention workspace (lse or scores)", est["attention_workspace"]),
@@ -195,6 +196,10 @@ def report(cfg: RunConfig, est: dict, settings: dict, budget: float, gpu: float,
     lines.append(f"peak {est['peak'] / GIB:.2f} GiB ({_PHASE_NAMES[est['peak_phase']]}) + reserve "
                  f"{(gpu - budget) / GIB:.2f} of {gpu / GIB:.0f} GiB -> {verdict} "
                  f"({'headroom' if fits else 'short by'} {abs(budget - est['peak']) / GIB:.2f} GiB)")
+    if est["host_activations"]:
+        per_node = est["host_activations"] * min(cfg.world_size, 8)
+        lines.append(f"host memory for offloaded activations: {est['host_activations'] / GIB:.2f} GiB per rank, "
+                     f"{per_node / GIB:.2f} GiB per node of {min(cfg.world_size, 8)} GPUs")
     lines.append(f"longest sequence that fits with these settings: "
                  f"{largest:,} tokens" if largest else "no sequence length fits with these settings")
     return "\n".join(lines)
