@@ -7,9 +7,14 @@ Every configuration is a real `torchrun ... pretrain_gpt.py --mock-data` run (fp
 thread per rank, micro batch 1, no dropout). The first iteration is warm-up and is not
 counted; the fastest remaining iteration is reported (on a shared machine noise only
 adds time). Reported per configuration: tokens/s; model TFLOP/s per rank (causal attention
-counted, see megatron/training/flops.py); MFU against this machine's fp32 matmul rate
-measured here on one thread right before the runs; peak memory (max RSS over ranks);
-and the share of step time spent inside the all-to-all collectives.
+counted, see megatron/planning/flops.py); MFU; peak memory (max over ranks); and the share
+of step time spent inside the all-to-all collectives.
+
+MFU is against the device's peak: on a GPU the data-sheet peak of that GPU for the run's
+precision (megatron/planning/flops.py's table; `--peak-tflops` or MEGATRON_PEAK_TFLOPS
+overrides), on CPU this machine's fp32 matmul rate measured on one thread right before
+the runs (there is no data sheet for a shared CPU). On a GPU the runs use `--precision
+bf16` by default and the model is the 1.3B layer shape unless `--model` says otherwise.
 The 2-core machine is shared: run it on an idle machine (the load average is printed).
 """
 
@@ -25,6 +30,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 MODEL = ("--num-layers 4 --hidden-size 256 --num-attention-heads 8 --mock-data --vocab-size 8191 "
          "--hidden-dropout 0 --attention-dropout 0 --micro-batch-size 1 --global-batch-size 1 "
          "--lr 1e-4 --eval-iters 0 --log-interval 1 --timing-log-level 1").split()
@@ -46,13 +52,13 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def run(seq: int, sp: int, iters: int, python: str) -> dict:
+def run(seq: int, sp: int, iters: int, python: str, extra: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         log = os.path.join(tmp, "log.jsonl")
         cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(sp),
                os.path.join(ROOT, "pretrain_gpt.py"), *MODEL, "--seq-length", str(seq),
                "--max-position-embeddings", str(seq), "--ds-sequence-parallel-size", str(sp),
-               "--train-iters", str(iters), "--log-json", log]
+               "--train-iters", str(iters), "--log-json", log, *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -80,15 +86,36 @@ def main() -> None:
     ap.add_argument("--sps", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--iters", type=int, default=4, help="iterations per run, the first is warm-up")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                    help="default: bf16 on a GPU, fp32 on CPU (bf16 matmul on CPU is ~250x slower)")
+    ap.add_argument("--peak-tflops", type=float, help="the device peak MFU is measured against (GPU: default "
+                    "from the data-sheet table for the GPU and precision)")
+    ap.add_argument("--extra", default="", help="more pretrain_gpt.py flags, e.g. '--use-flash-attn-v2'")
     args = ap.parse_args()
     python = sys.executable
-    peak = matmul_gflops()
-    print(f"fp32 matmul rate (1 thread, 2048^3, best of 5): {peak:.1f} GFLOP/s | load average "
-          f"{os.getloadavg()[0]:.2f} | cores {os.cpu_count()}", flush=True)
+    import torch  # noqa: PLC0415
+
+    from megatron.planning.flops import device_peak_tflops  # noqa: PLC0415
+
+    gpu = torch.cuda.is_available()
+    precision = args.precision or ("bf16" if gpu else "fp32")
+    extra = ([f"--{precision}"] if precision != "fp32" else []) + args.extra.split()
+    if gpu:
+        name = torch.cuda.get_device_name()
+        peak_tflops = args.peak_tflops or device_peak_tflops(name, precision)
+        if peak_tflops is None:
+            raise SystemExit(f"no peak known for {name!r}: pass --peak-tflops (dense TFLOP/s for {precision})")
+        peak = peak_tflops * 1e3  # GFLOP/s
+        print(f"{name}: peak {peak_tflops:.1f} TFLOP/s ({precision}) | load average {os.getloadavg()[0]:.2f}",
+              flush=True)
+    else:
+        peak = args.peak_tflops * 1e3 if args.peak_tflops else matmul_gflops()
+        print(f"fp32 matmul rate (1 thread, 2048^3, best of 5): {peak:.1f} GFLOP/s | load average "
+              f"{os.getloadavg()[0]:.2f} | cores {os.cpu_count()}", flush=True)
     rows = []
     for seq in args.seqs:
         for sp in args.sps:
-            r = run(seq, sp, args.iters, python)
+            r = run(seq, sp, args.iters, python, extra)
             r["mfu"] = r["tflops_per_rank"] * 1e3 / peak
             rows.append(r)
             print(f"  seq {seq} sp {sp}: {r['tokens_per_sec']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
@@ -103,7 +130,8 @@ def main() -> None:
         print(f"| {r['seq']} | {r['sp']} | {r['tokens_per_sec']:.0f} | {speed} | {r['tokens_per_sec_median']:.0f} | "
               f"{r['tflops_per_rank']:.4f} | {100 * r['mfu']:.1f}% | {r['peak_mem_mib']:.0f} MiB | "
               f"{100 * r['a2a_share']:.1f}% |")
-    print(f"\nMFU = model FLOP/s per rank (best iteration) / {peak:.1f} GFLOP/s (fp32 matmul, one thread). "
+    print(f"\nMFU = model FLOP/s per rank (best iteration) / {peak:.1f} GFLOP/s "
+          f"({'the GPU data-sheet peak' if gpu else 'fp32 matmul, one thread'}). "
           f"Load average at the end: {os.getloadavg()[0]:.2f}.")
     if args.json:
         with open(args.json, "w") as f:

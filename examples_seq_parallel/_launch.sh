@@ -9,14 +9,21 @@
 #   MOCK_DATA=1                        synthetic tokens instead of DATA_PATH
 #   CHECKPOINT_PATH TENSORBOARD_DIR    outputs
 #   DRY_RUN=1                          validate and print the per-rank plan; launch nothing
+#   PREFLIGHT=0                        skip the check before torchrun (see below)
 #   EXTRA_ARGS                         appended verbatim (override any flag above)
 #   PYTHON TORCHRUN                    interpreters (default: the repo's .venv if present)
+#
+# Before torchrun starts, `pretrain_gpt.py --preflight` checks the flags, the data, tokenizer and
+# output paths and this machine once (a couple of seconds): a mistake ends here with one message,
+# before any rank, GPU or process group is started. torchrun is run by _torchrun.py, which ends a
+# failed job with one line naming the rank and its exit code instead of torchrun's traceback
+# (ChildFailedError), so the ranks' own message (printed once per job) stays the last thing said.
 
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
-TORCHRUN=${TORCHRUN:-"$PYTHON -m torch.distributed.run"}
+TORCHRUN=${TORCHRUN:-"$PYTHON $ROOT/examples_seq_parallel/_torchrun.py"}
 NNODES=${NNODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NODE_RANK=${NODE_RANK:-0}
@@ -44,7 +51,7 @@ else
 fi
 OUTPUT_ARGS=()
 [[ -n "${CHECKPOINT_PATH:-}" ]] && OUTPUT_ARGS+=(--save "$CHECKPOINT_PATH" --load "$CHECKPOINT_PATH")
-[[ -n "${TENSORBOARD_DIR:-}" ]] && OUTPUT_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR" --log-timers-to-tensorboard)
+[[ -n "${TENSORBOARD_DIR:-}" ]] && OUTPUT_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 ALL_ARGS=("${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" "${OUTPUT_ARGS[@]}" "${EXTRA[@]}")
 
@@ -60,11 +67,22 @@ else
   fi
   if [[ " ${ALL_ARGS[*]} " == *" --exit-signal-handler "* ]]; then
     # SIGTERM (Slurm preemption, scancel --signal=TERM) must reach the ranks, which finish
-    # their iteration, save and exit 0; torchrun itself would kill them and exit 1
-    LAUNCH+=(--signals-to-handle SIGINT,SIGHUP,SIGQUIT)
-    trap '' TERM
+    # their iteration, save and exit 0; torchrun itself would kill them and exit 1. Only newer
+    # torchrun has --signals-to-handle; an older one passes SIGTERM on to the ranks when it
+    # shuts down (they still save) and then exits non-zero.
+    if $TORCHRUN --help 2>/dev/null | grep -q -- "--signals-to-handle"; then
+      LAUNCH+=(--signals-to-handle SIGINT,SIGHUP,SIGQUIT)
+      trap '' TERM
+    else
+      echo "note: this torchrun has no --signals-to-handle: on SIGTERM it forwards the signal to the ranks" \
+           "(they save) and exits non-zero" >&2
+    fi
   fi
   CMD=($TORCHRUN "${LAUNCH[@]}" "$ROOT/pretrain_gpt.py" "${ALL_ARGS[@]}")
 fi
 echo "+ ${CMD[*]}"
+if [[ "${DRY_RUN:-0}" != 1 && "${PREFLIGHT:-1}" == 1 ]]; then
+  env WORLD_SIZE="$WORLD_SIZE" GPUS_PER_NODE="$GPUS_PER_NODE" $PYTHON "$ROOT/pretrain_gpt.py" --preflight \
+    "${ALL_ARGS[@]}" || exit $?
+fi
 exec "${CMD[@]}"

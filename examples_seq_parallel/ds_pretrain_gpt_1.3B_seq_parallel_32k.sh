@@ -5,23 +5,26 @@
 #   NNODES=1 GPUS_PER_NODE=8 DATA_PATH=/data/pile_text_document \
 #     VOCAB_FILE=gpt2-vocab.json MERGE_FILE=gpt2-merges.txt \
 #     bash examples_seq_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh
-#   DRY_RUN=1 NNODES=4 GPUS_PER_NODE=8 GLOBAL_BATCH=8 bash examples_seq_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh
+#   DRY_RUN=1 NNODES=4 GPUS_PER_NODE=8 bash examples_seq_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh
 #
-# With SP 4, world/4 ranks are data parallel; the global batch (GLOBAL_BATCH, default 2)
-# must be a multiple of that. All variables of _launch.sh apply.
+# With SP 4, world/4 ranks are data parallel; the global batch (GLOBAL_BATCH) defaults to
+# one sequence per data-parallel rank and must be a multiple of that. All variables of
+# _launch.sh apply.
 set -euo pipefail
 
 SEQ_LEN=${SEQ_LEN:-32768}
 SP=${SP:-4}
 TRAIN_TOKENS=${TRAIN_TOKENS:-300000000000}
 PRECISION_FLAG=--${PRECISION:-bf16}   # bf16 or fp16
+WORLD=$(( ${NNODES:-1} * ${GPUS_PER_NODE:-8} ))
+GLOBAL_BATCH=${GLOBAL_BATCH:-$(( WORLD >= SP ? WORLD / SP : 1 ))}  # one sequence per data-parallel rank
 
 MODEL_ARGS=(
   --num-layers 24 --hidden-size 2048 --num-attention-heads 16
   --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN"
   --init-method-std 0.013
   --ds-sequence-parallel-size "$SP" --zero-stage 1
-  --micro-batch-size 1 --global-batch-size "${GLOBAL_BATCH:-2}"
+  --micro-batch-size 1 --global-batch-size "$GLOBAL_BATCH"
   --train-tokens "$TRAIN_TOKENS" --lr-decay-tokens "$TRAIN_TOKENS" --lr-warmup-tokens "${WARMUP_TOKENS:-375000000}"
   --lr 2e-4 --min-lr 1e-6 --lr-decay-style cosine
   --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0

@@ -36,7 +36,8 @@ ARGS=(
   --data-path "$CORPUS_DIR/corpus_text_document" --split 98,1,1
   --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$CORPUS_DIR/tokenizer.model"
   --log-interval 10 --eval-interval "${EVAL_INTERVAL:-50}" --eval-iters 2
-  --tensorboard-dir "$OUT/tensorboard" --log-json "$OUT/log.jsonl" --save "$OUT/checkpoints"
+  --tensorboard-dir "$OUT/tensorboard" --log-json "$OUT/log.jsonl"
+  --save "$OUT/checkpoints" --load "$OUT/checkpoints"  # a second run resumes instead of overwriting
   --seed 1234
   "$@"
 )

@@ -15,9 +15,11 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 
 from megatron import upstream_compat
+from megatron.checkpoint.format import holds_checkpoint
 from megatron.config import (
     ATTENTION_BACKENDS,
     LR_DECAY_STYLES,
@@ -45,10 +47,23 @@ _POSITION_ALIASES = {"learned_absolute": "learned_absolute", "absolute": "learne
 _NORM_ALIASES = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a malformed flag value raises ConfigError (printed once per job by
+    pretrain_gpt.py) instead of printing the usage on every rank and exiting, and that a negative
+    number in exponent form (--adam-eps -1e-8) is read as a value, not as a flag, as Python 3.13's
+    argparse does (so that validation can say what is wrong with it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (pretrain_gpt.py --help lists the flags)")
+
+
 def build_parser(extra_args_provider: Callable | None = None) -> argparse.ArgumentParser:
     """All supported flags. Values a DeepSpeed config may also set default to None (= not given)."""
-    p = argparse.ArgumentParser(description="GPT pretraining with DeepSpeed-Ulysses sequence parallelism",
-                                allow_abbrev=False)
+    p = _Parser(description="GPT pretraining with DeepSpeed-Ulysses sequence parallelism", allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, help="transformer layers (required)")
     g.add_argument("--encoder-num-layers", type=int, help="upstream's alias of --num-layers (used when it is absent)")
@@ -74,7 +89,26 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--rope-theta", "--rotary-position-embeddings-theta", type=float, dest="rotary_base",
                    help="aliases of --rotary-base (--rotary-position-embeddings-theta is Megatron-DeepSpeed's name)")
     g.add_argument("--rotary-percent", type=float, default=1.0,
-                   help="fraction of each head's dimensions that RoPE rotates (only 1.0 is implemented yet)")
+                   help="fraction of each head's dimensions that RoPE rotates (GPT-NeoX style partial rotary: the "
+                        "first int(head dim x percent) dims, which must be even)")
+    g.add_argument("--rope-scaling-type", choices=["linear", "dynamic", "yarn", "llama3"],
+                   help="RoPE scaling as transformers' rope_scaling defines it: linear (position interpolation), "
+                        "dynamic (NTK, grows with the sequence length), yarn, llama3 (Llama 3.1)")
+    g.add_argument("--rope-scaling-factor", type=float,
+                   help="RoPE scaling factor: new context / original context (required with --rope-scaling-type)")
+    g.add_argument("--original-max-position-embeddings", type=int,
+                   help="the context the model was pretrained at, where RoPE scaling starts (required with "
+                        "--rope-scaling-type dynamic, yarn, llama3)")
+    g.add_argument("--rope-yarn-beta-fast", type=float, default=32.0, help="yarn: beta_fast (rotations)")
+    g.add_argument("--rope-yarn-beta-slow", type=float, default=1.0, help="yarn: beta_slow (rotations)")
+    g.add_argument("--rope-yarn-mscale", type=float, help="yarn: mscale (with --rope-yarn-mscale-all-dim)")
+    g.add_argument("--rope-yarn-mscale-all-dim", type=float, help="yarn: mscale_all_dim")
+    g.add_argument("--rope-yarn-no-truncate", action="store_false", dest="rope_yarn_truncate",
+                   help="yarn: do not round the correction range to whole dims (transformers' truncate=False)")
+    g.add_argument("--rope-attention-factor", type=float,
+                   help="yarn: scale of cos/sin (default 0.1 ln(factor) + 1, or the mscale ratio)")
+    g.add_argument("--rope-llama3-low-freq-factor", type=float, default=1.0, help="llama3: low_freq_factor")
+    g.add_argument("--rope-llama3-high-freq-factor", type=float, default=4.0, help="llama3: high_freq_factor")
     g.add_argument("--no-position-embedding", action="store_false", dest="add_position_embedding",
                    help="no learned absolute position embedding (= --position-embedding-type none unless RoPE)")
     g.add_argument("--normalization", default="LayerNorm", type=lambda s: _NORM_ALIASES.get(s.lower(), s),
@@ -82,6 +116,11 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float, default=1e-5,
                    help="epsilon of LayerNorm/RMSNorm (--layernorm-epsilon is upstream's name)")
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GeLU (Llama)")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="the tanh approximation of GeLU (OpenAI GPT-2's gelu_new), with or without biases")
+    g.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion",
+                   help="exact (erf) GeLU. Without it a GeLU MLP with biases computes the tanh approximation, as "
+                        "upstream's default fused bias-GeLU kernel does")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="a separate output projection instead of the input embedding")
     g.add_argument("--disable-bias-linear", action="store_true",
@@ -113,6 +152,9 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
                    help="on SIGTERM, finish the current iteration, save a checkpoint to --save and exit 0")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"],
                    help="adam and adamw are both AdamW (decoupled weight decay, as upstream's adam); sgd is refused")
+    g.add_argument("--optimizer-impl", default="torch", choices=["torch", "apex"],
+                   help="torch: torch.optim.AdamW (fused kernel, foreach under FSDP); apex: NVIDIA apex "
+                        "FusedAdam (CUDA, ZeRO stage 0 or 1 only)")
     g.add_argument("--lr", type=float, help="peak learning rate (required)")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
     g.add_argument("--lr-decay-style", default="linear", choices=LR_DECAY_STYLES,
@@ -171,7 +213,13 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute every layer in the backward pass (= --recompute-granularity full)")
     g.add_argument("--checkpoint-num-layers", type=int, default=1,
-                   help="layers per recomputed chunk with --checkpoint-activations (only 1 is implemented yet)")
+                   help="layers per recomputed chunk with --checkpoint-activations (= --recompute-method uniform "
+                        "--recompute-num-layers N): a chunk keeps only its input, backward recomputes N layers")
+    g.add_argument("--recompute-method", choices=["uniform", "block"],
+                   help="with full recompute: 'uniform' recomputes chunks of --recompute-num-layers layers, 'block' "
+                        "recomputes only the first --recompute-num-layers layers (Megatron-LM)")
+    g.add_argument("--recompute-num-layers", type=int,
+                   help="layers per chunk (uniform) or recomputed layers (block); default 1 (uniform) / all (block)")
     g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
     g.add_argument("--recompute-granularity", choices=["full", "selective"],
                    help="full: recompute whole layers; selective: recompute core attention only")
@@ -191,11 +239,12 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--deepspeed_config", "--deepspeed-config", "--deepscale_config", dest="deepspeed_config",
                    help="a DeepSpeed JSON config (see 'DeepSpeed JSON' in docs/flags.md)")
     g.add_argument("--ds-sequence-parallel-fpdt", action="store_true",
-                   help="FPDT: Ulysses attention over sequence chunks (not implemented yet)")
+                   help="DeepSpeed FPDT (sequence chunks through Ulysses attention, for memory): mapped onto head-chunk "
+                        "overlap, tiled MLP and tiled loss with the same chunking (printed at start-up)")
     g.add_argument("--ds-sequence-parallel-fpdt-chunk-size", type=int, default=65536,
-                   help="FPDT chunk length in tokens (not implemented yet)")
+                   help="FPDT chunk length in tokens: sets how many chunks the mapped tiling uses")
     g.add_argument("--ds-sequence-parallel-fpdt-offloading", action="store_true",
-                   help="FPDT: keep chunks in host memory (not implemented yet)")
+                   help="FPDT host offloading: mapped onto --offload-activations")
     g.add_argument("--tiled-loss-tokens", type=int, default=0,
                    help="compute logits + cross-entropy in tiles of this many tokens (0: off)")
     g.add_argument("--tiled-mlp-tiles", type=int, default=1, help="run each MLP over this many sequence tiles")
@@ -244,6 +293,16 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
                    help="0: iteration time; 1: plus per-phase timers; 2: finer timers")
     g.add_argument("--log-json", help="append one JSON object per logged event to this file")
+    g.add_argument("--long-context-eval-interval", type=int, default=0,
+                   help="every this many steps: loss by position (and passkey retrieval) at --seq-length, "
+                        "distributed like training, logged as long-context/* scalars (0: off)")
+    g.add_argument("--long-context-eval-data",
+                   help="a .bin/.idx prefix with documents of at least --seq-length + 1 tokens (default: the last "
+                        "documents of the first --data-path prefix)")
+    g.add_argument("--long-context-eval-documents", type=int, default=4, help="documents per long-context evaluation")
+    g.add_argument("--long-context-eval-passkey-lengths", type=int, nargs="*",
+                   help="passkey context lengths (default: --seq-length with a text tokenizer; none with "
+                        "--mock-data / NullTokenizer)")
     g.add_argument("--wandb-project", default="", help="log to this Weights & Biases project (needs the wandb "
                    "package; WANDB_MODE=offline works without a network)")
     g.add_argument("--wandb-exp-name", default="", help="the W&B run name (also turns W&B logging on)")
@@ -263,6 +322,12 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
                    help="after each save, delete all but the K newest iter_* directories under --save")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="refuse to start when --load holds no checkpoint (instead of training from scratch)")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="let this run replace checkpoints under --save that it did not start from (those "
+                        "newer than the loaded iteration); without it such a run stops before training")
+    g.add_argument("--load-fallback", action="store_true",
+                   help="if the checkpoint to load is damaged or incomplete, load the newest complete one "
+                        "before it (the damaged directory is renamed *.damaged, never deleted)")
 
     upstream_compat.add_to_parser(p)
     if extra_args_provider is not None:
@@ -315,17 +380,24 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
     dp = world_size // args.ds_sequence_parallel_size
     _resolve_batch(args, dp)
     _validate_precision_and_backend(args, check_environment)
-    data = _data_config(args)
+    _validate_optimizer_flags(args)
+    _validate_optimizer_impl(args, check_environment)
+    data = _data_config(args, check_environment)
     train = _train_config(args)
     optim = _optim_config(args, train)
-    vocab = padded_vocab_size if padded_vocab_size is not None else _padded_vocab_size(data)
-    model = _model_config(args, vocab)
+    vocab, true_vocab = (padded_vocab_size, None) if padded_vocab_size is not None else _vocab_sizes(data)
+    model = _model_config(args, vocab, true_vocab)
+    if model.activation == "gelu_tanh" and not args.openai_gelu:
+        notes.append("GeLU: the tanh approximation, as upstream's default fused bias-GeLU kernel computes it; "
+                      "--no-bias-gelu-fusion selects the exact GeLU")
     parallel = ParallelConfig(sequence_parallel_size=args.ds_sequence_parallel_size,
                               ring_attention_size=args.ring_attention_size,
                               zero_stage=args.zero_stage, distributed_backend=args.distributed_backend,
                               distributed_timeout_minutes=args.distributed_timeout_minutes,
                               attention_backend=args.attention_backend,
                               recompute_granularity=args.recompute_granularity,
+                              recompute_method=args.recompute_method or "uniform",
+                              recompute_num_layers=args.recompute_num_layers,
                               loss_tile_tokens=args.tiled_loss_tokens, mlp_tiles=args.tiled_mlp_tiles,
                               projection_tiles=args.tiled_projection_tiles,
                               attention_head_chunks=args.attention_head_chunks,
@@ -378,6 +450,9 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(a, flag) is None:
             raise ConfigError(f"--{flag.replace('_', '-')} is required")
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(a, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
     if a.max_position_embeddings is None:
         a.max_position_embeddings = a.seq_length
     if a.use_rotary_position_embeddings:
@@ -405,6 +480,27 @@ def _validate_model_flags(a: argparse.Namespace) -> None:
         a.recompute_granularity = "full"
     elif a.recompute_activations:
         a.recompute_granularity = "selective"
+    _resolve_recompute_layers(a)
+    a.notes += upstream_compat.map_fpdt(a)
+
+
+def _resolve_recompute_layers(a: argparse.Namespace) -> None:
+    """--checkpoint-num-layers (Megatron-DeepSpeed) and --recompute-method/--recompute-num-layers
+    (Megatron-LM) into one (method, layers) pair."""
+    if a.checkpoint_num_layers != 1 and a.recompute_num_layers not in (None, a.checkpoint_num_layers):
+        raise ConfigError(f"--checkpoint-num-layers ({a.checkpoint_num_layers}) and --recompute-num-layers "
+                          f"({a.recompute_num_layers}) name the same thing and disagree; pass one of them")
+    if a.checkpoint_num_layers != 1 and a.recompute_method == "block":
+        raise ConfigError("--checkpoint-num-layers chunks layers uniformly; with --recompute-method block use "
+                          "--recompute-num-layers")
+    if a.recompute_num_layers is None:
+        a.recompute_num_layers = a.checkpoint_num_layers if a.recompute_method != "block" else a.num_layers
+    if (a.recompute_method is not None or a.recompute_num_layers != 1) and a.recompute_granularity != "full":
+        raise ConfigError("--recompute-method / --recompute-num-layers / --checkpoint-num-layers apply to full "
+                          "recompute: add --checkpoint-activations (or --recompute-granularity full)")
+    if a.recompute_num_layers < 1 or a.recompute_num_layers > a.num_layers:
+        raise ConfigError(f"--recompute-num-layers / --checkpoint-num-layers must be in [1, --num-layers "
+                          f"{a.num_layers}], got {a.recompute_num_layers}")
 
 
 def _resolve_batch(a: argparse.Namespace, dp: int) -> None:
@@ -491,10 +587,14 @@ def _validate_precision_and_backend(a: argparse.Namespace, check_environment: bo
         pass  # allowed (tests exercise it); it is slow: CPU half-precision matmul is ~250x slower than fp32
 
 
-def _data_config(a: argparse.Namespace) -> DataConfig:
+def _data_config(a: argparse.Namespace, check_environment: bool = True) -> DataConfig:
     if not a.mock_data and not a.data_path:
         raise ConfigError("--data-path is required (a preprocessed prefix, or 'W1 P1 W2 P2' to blend); "
                           "use --mock-data for synthetic tokens")
+    if a.mock_data and a.data_path:
+        raise ConfigError("--mock-data and --data-path both given: --mock-data trains on synthetic tokens and would "
+                          "ignore --data-path; drop one of them")
+    _validate_data_path(a)
     if a.tokenizer_type in _BERT_TOKENIZERS:
         raise ConfigError(f"--tokenizer-type {a.tokenizer_type}: BERT WordPiece tokenizers are not supported for GPT "
                           f"pretraining; use GPT2BPETokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer or "
@@ -513,17 +613,92 @@ def _data_config(a: argparse.Namespace) -> DataConfig:
                       eod_mask_loss=a.eod_mask_loss, data_cache_path=a.data_cache_path, mock_data=a.mock_data)
 
 
+def _validate_data_path(a: argparse.Namespace) -> None:
+    """--data-path and --split syntax (the files are checked by `check_paths`)."""
+    from megatron.data.index_mapping import get_train_valid_test_split  # noqa: PLC0415
+
+    get_train_valid_test_split(a.split, 1000)  # raises ConfigError naming --split
+    if a.data_path:
+        from megatron.data.gpt_dataset import parse_data_prefix  # noqa: PLC0415
+
+        parse_data_prefix(list(a.data_path))  # raises ConfigError naming --data-path
+
+
+def _validate_optimizer_flags(a: argparse.Namespace) -> None:
+    """Values the optimizer, the loss scaler or the process group would take without complaint and
+    then misbehave with (a beta of 1.5, a negative epsilon or weight decay, a negative timeout)."""
+    def check(flag: str, value, ok: bool, must: str, fix: str = "") -> None:
+        if value is not None and not ok:  # comparisons with NaN are False, so NaN fails `ok` too
+            raise ConfigError(f"{flag} must be {must}, got {value}{'; ' + fix if fix else ''}")
+
+    check("--lr", a.lr, a.lr >= 0, ">= 0", "e.g. --lr 3e-4")
+    check("--min-lr", a.min_lr, a.min_lr >= 0, ">= 0")
+    check("--weight-decay", a.weight_decay, a.weight_decay >= 0, ">= 0 (0 disables weight decay)")
+    for flag in ("adam_beta1", "adam_beta2"):
+        v = getattr(a, flag)
+        check(f"--{flag.replace('_', '-')}", v, 0 <= v < 1, "in [0, 1)",
+              "typical values are --adam-beta1 0.9 --adam-beta2 0.95 (or 0.999)")
+    check("--adam-eps", a.adam_eps, a.adam_eps >= 0, ">= 0", "the usual value is 1e-8")
+    check("--clip-grad", a.clip_grad, a.clip_grad >= 0, ">= 0 (0 disables clipping)")
+    check("--init-method-std", a.init_method_std, a.init_method_std >= 0, ">= 0", "GPT-3 uses 0.02")
+    check("--loss-scale", a.loss_scale, a.loss_scale is None or a.loss_scale > 0, "positive",
+          "drop it for dynamic loss scaling")
+    check("--initial-loss-scale", a.initial_loss_scale, a.initial_loss_scale > 0, "positive")
+    check("--min-loss-scale", a.min_loss_scale, a.min_loss_scale > 0, "positive")
+    check("--distributed-timeout-minutes", a.distributed_timeout_minutes, a.distributed_timeout_minutes > 0,
+          "positive", "the default is 10")
+    check("--global-batch-size", a.global_batch_size, a.global_batch_size >= 1, ">= 1")
+    if a.lr == 0:
+        a.notes.append("WARNING: --lr 0: the weights never change (a learning rate of 0 at the peak); pass the "
+                       "peak learning rate, e.g. --lr 3e-4, unless you mean to train nothing (throughput runs)")
+
+
 def _train_config(a: argparse.Namespace) -> TrainConfig:
     for flag in ("eval_interval", "log_interval"):
         if getattr(a, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     if a.eval_iters < 0:
         raise ConfigError(f"--eval-iters must be >= 0, got {a.eval_iters}")
-    return TrainConfig(micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
+    lc = _long_context_eval(a)
+    return TrainConfig(**lc, micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
                        train_iters=a.train_iters, eval_interval=a.eval_interval, eval_iters=a.eval_iters,
                        train_samples=a.train_samples, dataset_train_iters=getattr(a, "dataset_train_iters", None),
                        seed=a.seed, exit_interval=a.exit_interval, exit_signal_handler=a.exit_signal_handler,
                        exit_duration_in_mins=a.exit_duration_in_mins)
+
+
+def _long_context_eval(a: argparse.Namespace) -> dict:
+    interval = a.long_context_eval_interval or 0
+    if interval < 0 or a.long_context_eval_documents < 1:
+        raise ConfigError("--long-context-eval-interval must be >= 0 and --long-context-eval-documents >= 1")
+    if not interval:
+        return {}
+    data = a.long_context_eval_data
+    if data is None:
+        prefixes = [x for x in a.data_path if not _is_number(x)]
+        if not prefixes:
+            raise ConfigError("--long-context-eval-interval needs documents: pass --long-context-eval-data PREFIX "
+                              "(a .bin/.idx prefix; --mock-data has none)")
+        data = prefixes[0]
+    lengths = a.long_context_eval_passkey_lengths
+    if lengths is None:
+        text = a.tokenizer_type not in (None, "NullTokenizer") and not (a.mock_data and a.tokenizer_type is None)
+        lengths = [a.seq_length] if text else []
+    from megatron.core.sequence_parallel.layout import check_seq_len  # noqa: PLC0415
+
+    for n in lengths:
+        check_seq_len(n, a.ds_sequence_parallel_size, a.ring_attention_size)
+    return dict(long_context_eval_interval=interval, long_context_eval_data=data,
+                long_context_eval_documents=a.long_context_eval_documents,
+                long_context_eval_passkey_lengths=tuple(lengths))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _checkpoint_config(a: argparse.Namespace, check_environment: bool) -> CheckpointConfig:
@@ -541,14 +716,15 @@ def _checkpoint_config(a: argparse.Namespace, check_environment: bool) -> Checkp
             os.path.abspath(a.load) != os.path.abspath(a.save or ""):
         raise ConfigError(f"--load {a.load}: no such directory; pass the --save directory of an earlier run "
                           f"(it holds latest_checkpointed_iteration.txt), or drop --load to start from scratch")
-    if check_environment and a.exit_on_missing_checkpoint and a.load and \
-            not os.path.isfile(os.path.join(a.load, "latest_checkpointed_iteration.txt")):
+    if check_environment and a.exit_on_missing_checkpoint and a.load and not holds_checkpoint(a.load):
         raise ConfigError(f"--exit-on-missing-checkpoint: --load {a.load} holds no checkpoint "
-                          f"(no latest_checkpointed_iteration.txt); pass the --save directory of an earlier run, "
-                          f"or drop --exit-on-missing-checkpoint to start from scratch")
+                          f"(no latest_checkpointed_iteration.txt, iter_XXXXXXX directory or .metadata); pass the "
+                          f"--save directory of an earlier run, or drop --exit-on-missing-checkpoint to start from "
+                          f"scratch")
     return CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, no_save_optim=a.no_save_optim,
                             no_load_optim=a.no_load_optim, no_save_rng=a.no_save_rng, no_load_rng=a.no_load_rng,
-                            finetune=a.finetune, keep_last=a.keep_last_checkpoints)
+                            finetune=a.finetune, keep_last=a.keep_last_checkpoints,
+                            overwrite_checkpoints=a.overwrite_checkpoints, load_fallback=a.load_fallback)
 
 
 def _wandb_settings(a: argparse.Namespace, check_environment: bool) -> dict:
@@ -578,10 +754,68 @@ def _optim_config(a: argparse.Namespace, train: TrainConfig) -> OptimConfig:
                        adam_eps=a.adam_eps, clip_grad=a.clip_grad, fp16=a.fp16, bf16=a.bf16,
                        loss_scale=a.loss_scale, initial_loss_scale=a.initial_loss_scale,
                        min_loss_scale=a.min_loss_scale, loss_scale_window=a.loss_scale_window,
-                       hysteresis=a.hysteresis)
+                       hysteresis=a.hysteresis, optimizer_impl=a.optimizer_impl)
 
 
-def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
+def _validate_optimizer_impl(a: argparse.Namespace, check_environment: bool) -> None:
+    """apex FusedAdam only when asked for, only where it works (plain-tensor stages, CUDA, a CUDA build)."""
+    if a.optimizer_impl != "apex":
+        return
+    if a.zero_stage not in (0, 1):
+        raise ConfigError(f"--optimizer-impl apex works with --zero-stage 0 or 1 (plain parameters), got "
+                          f"--zero-stage {a.zero_stage}, whose FSDP parameters apex cannot step; drop "
+                          f"--optimizer-impl apex (the default torch AdamW is fused too)")
+    if check_environment:
+        from megatron.training import optimizer  # noqa: PLC0415 (imports torch; keep --help fast)
+
+        optimizer.apex_fused_adam()  # raises ConfigError naming what is missing
+
+
+def _activation(a: argparse.Namespace) -> str:
+    """The MLP activation upstream's ParallelMLP computes for these flags: --openai-gelu (tanh), --onnx-safe
+    (exact), --swiglu, else F.gelu or, with biases and without --no-bias-gelu-fusion, the fused bias-GeLU
+    kernel, which computes the tanh approximation."""
+    if a.swiglu and a.openai_gelu:
+        raise ConfigError("--openai-gelu and --swiglu choose different MLPs; pass one of them")
+    if a.swiglu:
+        return "swiglu"
+    if a.openai_gelu:
+        return "gelu_tanh"
+    if getattr(a, "compat_onnx_safe", None) or a.disable_bias_linear or not a.bias_gelu_fusion:
+        return "gelu"
+    return "gelu_tanh"
+
+
+def _rope_fields(a: argparse.Namespace) -> dict:
+    kind = a.rope_scaling_type
+    fields = dict(rotary_percent=a.rotary_percent)
+    if kind is None:
+        given = [f for f, v in (("--rope-scaling-factor", a.rope_scaling_factor),
+                                ("--original-max-position-embeddings", a.original_max_position_embeddings))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} only act with --rope-scaling-type (linear, dynamic, yarn or "
+                              f"llama3); add it or drop them")
+        return fields
+    if a.position_embedding_type != "rope":
+        raise ConfigError(f"--rope-scaling-type {kind} needs rotary position embeddings: add "
+                          f"--position-embedding-type rope (or --use-rotary-position-embeddings)")
+    if a.rope_scaling_factor is None:
+        raise ConfigError(f"--rope-scaling-type {kind} needs --rope-scaling-factor (new context / original context, "
+                          f"e.g. 4 to train at 4x the pretraining length)")
+    if kind != "linear" and a.original_max_position_embeddings is None:
+        raise ConfigError(f"--rope-scaling-type {kind} needs --original-max-position-embeddings: the context the "
+                          f"model was pretrained at (where the scaling starts)")
+    return fields | dict(rope_scaling_type=kind, rope_scaling_factor=a.rope_scaling_factor,
+                         original_max_position_embeddings=a.original_max_position_embeddings,
+                         yarn_beta_fast=a.rope_yarn_beta_fast, yarn_beta_slow=a.rope_yarn_beta_slow,
+                         yarn_mscale=a.rope_yarn_mscale, yarn_mscale_all_dim=a.rope_yarn_mscale_all_dim,
+                         yarn_truncate=a.rope_yarn_truncate, rope_attention_factor=a.rope_attention_factor,
+                         llama3_low_freq_factor=a.rope_llama3_low_freq_factor,
+                         llama3_high_freq_factor=a.rope_llama3_high_freq_factor)
+
+
+def _model_config(a: argparse.Namespace, vocab_size: int, true_vocab_size: int | None = None) -> ModelConfig:
     ffn = a.ffn_hidden_size
     if ffn is None and a.swiglu:
         ffn = int(4 * a.hidden_size * 2 / 3 / 64) * 64 or 4 * a.hidden_size  # Megatron-LM's SwiGLU width
@@ -591,19 +825,27 @@ def _model_config(a: argparse.Namespace, vocab_size: int) -> ModelConfig:
         num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
         position_embedding_type=a.position_embedding_type, rotary_base=a.rotary_base,
         normalization=a.normalization, norm_epsilon=a.norm_epsilon,
-        activation="swiglu" if a.swiglu else "gelu", add_bias_linear=not a.disable_bias_linear,
+        activation=_activation(a), add_bias_linear=not a.disable_bias_linear,
         untie_embeddings_and_output_weights=a.untie_embeddings_and_output_weights,
         init_method_std=a.init_method_std, hidden_dropout=a.hidden_dropout,
-        attention_dropout=a.attention_dropout)
+        attention_dropout=a.attention_dropout,
+        true_vocab_size=true_vocab_size if true_vocab_size is not None and true_vocab_size < vocab_size else None,
+        **_rope_fields(a))
 
 
-def _padded_vocab_size(data: DataConfig) -> int:
+def _vocab_sizes(data: DataConfig) -> tuple[int, int]:
+    """(padded, true) vocabulary sizes of the tokenizer."""
     from megatron.data.tokenizers import TokenizerError  # noqa: PLC0415 (only when a vocab is needed)
 
     try:
-        return build_tokenizer(data).padded_vocab_size
+        tokenizer = build_tokenizer(data)
+        return tokenizer.padded_vocab_size, tokenizer.vocab_size
     except (TokenizerError, OSError) as e:
         raise ConfigError(str(e)) from e
+
+
+def _padded_vocab_size(data: DataConfig) -> int:
+    return _vocab_sizes(data)[0]
 
 
 def _int_like(text: str) -> int:

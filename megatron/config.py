@@ -12,12 +12,19 @@ from dataclasses import dataclass, field
 
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")  # gelu: exact (erf); gelu_tanh: OpenAI's tanh approximation
+ROPE_SCALING_TYPES = (None, "linear", "dynamic", "yarn", "llama3")  # transformers' rope_type names
 ATTENTION_BACKENDS = ("classic", "sdpa", "flash-attn", "triton")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error the user can fix (bad flags, a damaged or mismatched checkpoint): the message says
+    what is wrong and how to fix it, and the command line prints it once, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot work; the message names the field and the fix."""
 
 
@@ -49,6 +56,22 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    # tokens the tokenizer can produce; rows >= it are padding (--make-vocab-size-divisible-by) and
+    # never take part in a softmax. None: vocab_size (no padding)
+    true_vocab_size: int | None = None
+    # RoPE variants, with transformers' definitions (megatron/model/rotary.py)
+    rotary_percent: float = 1.0  # fraction of each head's dims that RoPE rotates (GPT-NeoX style)
+    rope_scaling_type: str | None = None  # None (plain RoPE), "linear", "dynamic", "yarn", "llama3"
+    rope_scaling_factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # context the model was pretrained at
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float | None = None
+    yarn_mscale_all_dim: float | None = None
+    yarn_truncate: bool = True
+    rope_attention_factor: float | None = None  # yarn: scales cos/sin; None: from factor (and mscales)
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -80,13 +103,55 @@ class ModelConfig:
         _choice("activation", self.activation, ACTIVATIONS)
         if self.position_embedding_type == "rope" and self.kv_channels % 2:
             raise ConfigError(f"RoPE needs an even head dim, got kv_channels={self.kv_channels}")
+        if self.true_vocab_size is not None and not 0 < self.true_vocab_size <= self.vocab_size:
+            raise ConfigError(f"true_vocab_size ({self.true_vocab_size}) must be in [1, vocab_size = "
+                              f"{self.vocab_size}] (the padded vocabulary)")
+        self._validate_rope()
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1)")
 
+    def _validate_rope(self) -> None:
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ConfigError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+        _choice("rope_scaling_type", self.rope_scaling_type, ROPE_SCALING_TYPES)
+        rope = self.position_embedding_type == "rope"
+        if not rope and (self.rotary_percent != 1.0 or self.rope_scaling_type is not None):
+            raise ConfigError("--rotary-percent and --rope-scaling-type apply to RoPE only; add "
+                              "--position-embedding-type rope (or --use-rotary-position-embeddings)")
+        if rope and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            raise ConfigError(f"--rotary-percent {self.rotary_percent} rotates int({self.kv_channels} x "
+                              f"{self.rotary_percent}) = {self.rotary_dim} dims of each head; RoPE needs an even "
+                              f"number >= 2: choose a percent that gives one")
+        if self.rope_scaling_type is None:
+            return
+        if self.rope_scaling_factor < 1.0:
+            raise ConfigError(f"--rope-scaling-factor must be >= 1 (how many times longer the new context "
+                              f"is), got {self.rope_scaling_factor}")
+        if self.original_max_position_embeddings is not None and self.original_max_position_embeddings <= 0:
+            raise ConfigError("--original-max-position-embeddings must be positive")
+        if self.rope_scaling_type == "llama3" and self.llama3_high_freq_factor <= self.llama3_low_freq_factor:
+            raise ConfigError(f"--rope-llama3-high-freq-factor ({self.llama3_high_freq_factor}) must be larger "
+                              f"than --rope-llama3-low-freq-factor ({self.llama3_low_freq_factor})")
+
     @property
     def head_dim(self) -> int:
         return self.kv_channels
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones): int(head dim x rotary_percent)."""
+        return int(self.kv_channels * self.rotary_percent)
+
+    @property
+    def rope_original_length(self) -> int:
+        """The pretraining context that RoPE scaling starts from (transformers' default: max_position_embeddings)."""
+        return self.original_max_position_embeddings or self.max_position_embeddings
+
+    @property
+    def output_vocab_size(self) -> int:
+        """Tokens that take part in the softmax: the true (unpadded) vocabulary."""
+        return self.true_vocab_size or self.vocab_size
 
     @property
     def num_kv_heads(self) -> int:
@@ -145,6 +210,8 @@ class ParallelConfig:
     distributed_timeout_minutes: float = 10.0
     attention_backend: str = "sdpa"
     recompute_granularity: str | None = None  # "full": every layer's activations; "selective": core attention
+    recompute_method: str = "uniform"  # full recompute: "uniform" chunks of layers, or "block": the first layers
+    recompute_num_layers: int = 1  # layers per recomputed chunk (uniform) or recomputed layers (block)
     loss_tile_tokens: int = 0  # > 0: logits + cross-entropy in tiles of this many tokens
     mlp_tiles: int = 1  # > 1: MLP over this many sequence tiles, recomputed per tile
     # > 1: every token-local part of a layer (norms, QKV projection + RoPE, output projection,
@@ -165,6 +232,10 @@ class ParallelConfig:
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
+        _choice("recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+        if self.recompute_num_layers < 1:
+            raise ConfigError(f"--recompute-num-layers / --checkpoint-num-layers must be >= 1, got "
+                              f"{self.recompute_num_layers}")
         if self.loss_tile_tokens < 0 or self.mlp_tiles < 1:
             raise ConfigError("--tiled-loss-tokens must be >= 0 and --tiled-mlp-tiles >= 1")
         if self.projection_tiles < 1 or self.attention_head_chunks < 1:
@@ -182,7 +253,7 @@ def _choice(name: str, value, allowed) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {list(allowed)}, got {value!r}")
 
 
-__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "field"]
+__all__ = ["UserError", "ConfigError", "ModelConfig", "ParallelConfig", "field"]
 
 
 # --------------------------------------------------------------------------------------
@@ -192,6 +263,7 @@ __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "field"]
 # --------------------------------------------------------------------------------------
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+OPTIMIZER_IMPLS = ("torch", "apex")
 
 
 @dataclass(frozen=True)
@@ -241,8 +313,10 @@ class OptimConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
     hysteresis: int = 2
+    optimizer_impl: str = "torch"  # --optimizer-impl: "torch" (fused AdamW) or "apex" (FusedAdam, asked for)
 
     def __post_init__(self) -> None:
+        _choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
         _choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are mutually exclusive: pass at most one of them")
@@ -271,6 +345,11 @@ class TrainConfig:
     train_samples: int | None = None  # --train-samples as given; sizes the training set when set
     dataset_train_iters: int | None = None  # --train-iters or --train-samples // gbs, before the
     # --train-tokens cap (Megatron's args.train_iters); None: train_iters
+    # periodic long-context evaluation (megatron/inference/hook.py); 0: off
+    long_context_eval_interval: int = 0
+    long_context_eval_data: str | None = None  # a .bin/.idx prefix; None: the first --data-path prefix
+    long_context_eval_documents: int = 4
+    long_context_eval_passkey_lengths: tuple = ()
 
     def num_micro_batches(self, data_parallel_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
@@ -278,7 +357,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """Where checkpoints go; written with torch.distributed.checkpoint (see megatron.training.checkpointing)."""
+    """Where checkpoints go; written with torch.distributed.checkpoint (see megatron.checkpoint)."""
 
     save: str | None = None
     load: str | None = None
@@ -289,6 +368,8 @@ class CheckpointConfig:
     no_load_rng: bool = False
     finetune: bool = False  # load weights only; iteration, samples, optimizer, scaler and RNG start fresh
     keep_last: int | None = None  # --keep-last-checkpoints: older iter_* directories are deleted after a save
+    overwrite_checkpoints: bool = False  # --save may replace checkpoints this run did not start from
+    load_fallback: bool = False  # a damaged --load checkpoint: load the newest complete one before it
 
 
 @dataclass(frozen=True)
@@ -338,4 +419,4 @@ class RunConfig:
 
 
 __all__ += ["DataConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LogConfig",
-            "RunConfig", "LR_DECAY_STYLES"]
+            "RunConfig", "LR_DECAY_STYLES", "OPTIMIZER_IMPLS"]

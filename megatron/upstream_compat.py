@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,10 @@ FLASH_V1_NOTE = ("upstream runs FlashAttention v1 kernels for this flag; here it
                  "(FlashAttention 2): the same exact attention, faster")
 FLASH_BUILDER_NOTE = ("upstream builds DeepSpeed's FlashAttention op for non-CUDA accelerators; here it selects the "
                       "flash-attn backend: the same exact attention")
+FPDT_NOTE = ("DeepSpeed's FPDT cuts the sequence into chunks of --ds-sequence-parallel-fpdt-chunk-size tokens "
+             "inside Ulysses attention and the MLP/loss, for memory, with the same maths; here that is head-chunk "
+             "overlap (--ulysses-overlap-chunks), tiled MLP (--tiled-mlp-tiles) and tiled logits + loss "
+             "(--tiled-loss-tokens) with the same number of chunks (explicit values of those flags win)")
 SEQUENCE_PARALLEL_NOTE = (
     "Megatron's tensor-parallel sequence parallelism needs --tensor-model-parallel-size > 1, and upstream also "
     "switches it off at tensor parallel 1; Ulysses sequence parallelism is --ds-sequence-parallel-size N")
@@ -55,12 +60,17 @@ PARTIAL = {
     "--rampup-batch-size": (REJECTED, "batch-size ramp-up is not implemented; use a constant --global-batch-size"),
     "--sequence-parallel": (NO_EFFECT, SEQUENCE_PARALLEL_NOTE),
     "--attention-softmax-in-fp32": (NO_EFFECT, "softmax always runs in fp32 here"),
-    "--rotary-percent": (NOT_YET, "partial rotary embeddings; 1.0 (the default) is accepted"),
-    "--checkpoint-num-layers": (NOT_YET, "chunks of several recomputed layers; 1 (the default) is accepted"),
-    "--ds-sequence-parallel-fpdt": (NOT_YET, "FPDT chunked Ulysses attention"),
-    "--ds-sequence-parallel-fpdt-chunk-size": (NOT_YET, "FPDT chunked Ulysses attention; 65536 (the default) is "
-                                               "accepted"),
-    "--ds-sequence-parallel-fpdt-offloading": (NOT_YET, "FPDT chunk offloading to host memory"),
+    "--rotary-percent": (IMPLEMENTED, "GPT-NeoX style partial rotary: the first int(head dim x percent) dims rotate "
+                         "(upstream's rotary_dim)"),
+    "--no-bias-gelu-fusion": (IMPLEMENTED, "upstream's default GPT MLP (with biases) runs a fused bias-GeLU kernel "
+                              "that computes the tanh approximation of GeLU; the default here computes the same "
+                              "tanh GeLU, and this flag selects the exact (erf) GeLU, as upstream"),
+    "--openai-gelu": (IMPLEMENTED, "the tanh approximation of GeLU (OpenAI GPT-2's gelu_new)"),
+    "--ds-sequence-parallel-fpdt": (IMPLEMENTED, FPDT_NOTE),
+    "--ds-sequence-parallel-fpdt-chunk-size": (IMPLEMENTED, "the chunk length the mapped tiling uses (see "
+                                               "--ds-sequence-parallel-fpdt)"),
+    "--ds-sequence-parallel-fpdt-offloading": (IMPLEMENTED, "FPDT's host offloading: mapped onto "
+                                               "--offload-activations"),
     "--use-flash-attn": (IMPLEMENTED, FLASH_V1_NOTE),
     "--use-flash-attn-v1": (IMPLEMENTED, FLASH_V1_NOTE),
     "--use-flash-attn-builder": (IMPLEMENTED, FLASH_BUILDER_NOTE),
@@ -158,8 +168,6 @@ FLAGS: list[CompatFlag] = [
     *_switches(NO_EFFECT, _KERNEL, "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
                "--no-bias-dropout-fusion", "--no-persist-layer-norm",
                "--disable-mem-efficient-ln", "--ds_fused_adam", "--no-contiguous-buffers-in-local-ddp"),
-    *_switches(NO_EFFECT, "upstream's fused bias-GeLU kernel computes the tanh approximation of GeLU; this flag "
-               "switches upstream to the exact GeLU, which is what runs here anyway", "--no-bias-gelu-fusion"),
     *_switches(NO_EFFECT, "query-key layer scaling only guards fp16 softmax overflow; softmax runs in fp32 here",
                "--no-query-key-layer-scaling", "--apply-query-key-layer-scaling"),
     *_switches(NO_EFFECT, "the learning-rate schedule always comes from the flags (an unchanged schedule resumes "
@@ -191,8 +199,6 @@ FLAGS: list[CompatFlag] = [
                "the math is the same", "--force-ds-sequence-parallel"),
     *_switches(NO_EFFECT, "DeepSpeed's inference engine is not used in training", "--ds-inference"),
     # ------------------------------------------------------------------ recompute and memory
-    *_values(NO_EFFECT, "recompute applies to every layer (full) or to core attention (selective); the math "
-             "is the same, only memory differs", "--recompute-method", "--recompute-num-layers"),
     *_switches(NO_EFFECT, _UNREAD, "--scattered-embeddings", "--memory-centric-tiled-linear"),
     *_values(NO_EFFECT, _UNREAD, "--tile-factor"),
     *_switches(NO_EFFECT, "splitting transformer layers for DeepSpeed checkpointing is a memory detail",
@@ -235,7 +241,8 @@ FLAGS: list[CompatFlag] = [
     *_switches(NO_EFFECT, _BERT_T5, "--bert-no-binary-head", "--output-bert-embeddings"),
     *_values(NO_EFFECT, _BERT_T5, "--bert-embedder-type", "--decoder-num-layers", "--decoder-seq-length",
              "--retriever-seq-length", "--sample-rate", "--mask-prob", "--short-seq-prob"),
-    *_values(NO_EFFECT, "ONNX export is not part of training", "--onnx-safe"),
+    *_values(NO_EFFECT, "ONNX export is not part of training; as upstream, a value selects the exact (erf) GeLU "
+             "instead of the fused tanh kernel", "--onnx-safe"),
     *_values(NO_EFFECT, _INFERENCE, "--inference-batch-times-seqlen-threshold", "--max-tokens-to-oom"),
     *_switches(NO_EFFECT, _BIENCODER, "--biencoder-shared-query-context-model", "--use-one-sent-docs",
                "--retriever-score-scaling"),
@@ -281,8 +288,6 @@ FLAGS: list[CompatFlag] = [
     *_switches(REJECTED, "post-LayerNorm residual ordering (original BERT) is not implemented; the model is "
                "pre-LayerNorm like upstream's GPT default; drop the flag",
                "--apply-residual-connection-post-layernorm"),
-    *_switches(REJECTED, "the tanh-approximated OpenAI GeLU is not implemented; drop the flag (exact GeLU)",
-               "--openai-gelu"),
     *_switches(REJECTED, "squared-ReLU MLPs are not implemented; use the default GeLU or --swiglu",
                "--squared-relu"),
     *_switches(REJECTED, "fp32 embedding weights under bf16/fp16 are not implemented; drop the flag",
@@ -395,8 +400,39 @@ def review(args: argparse.Namespace) -> list:
 
 # Flags parsed with upstream's type and default so that scripts run; features other parts of the code will
 # implement. A non-default value is refused until then (rather than silently training something else).
-NOT_YET_DEFAULTS = {"rotary_percent": 1.0, "checkpoint_num_layers": 1, "ds_sequence_parallel_fpdt": False,
-                    "ds_sequence_parallel_fpdt_chunk_size": 65536, "ds_sequence_parallel_fpdt_offloading": False}
+NOT_YET_DEFAULTS: dict = {}
+
+
+def map_fpdt(a: argparse.Namespace) -> list:
+    """--ds-sequence-parallel-fpdt(-chunk-size, -offloading) onto this framework's memory tiling; the note
+    says exactly what was set. Needs the model and SP flags resolved."""
+    if not a.ds_sequence_parallel_fpdt:
+        if a.ds_sequence_parallel_fpdt_offloading:
+            raise ConfigError("--ds-sequence-parallel-fpdt-offloading needs --ds-sequence-parallel-fpdt")
+        return []
+    chunk, sp = a.ds_sequence_parallel_fpdt_chunk_size, a.ds_sequence_parallel_size
+    if chunk < 1:
+        raise ConfigError(f"--ds-sequence-parallel-fpdt-chunk-size must be >= 1, got {chunk}")
+    chunks = max(1, -(-a.seq_length // chunk))  # FPDT's number of sequence chunks
+    set_ = []
+    if a.tiled_mlp_tiles == 1 and chunks > 1:
+        a.tiled_mlp_tiles = chunks
+        set_.append(f"--tiled-mlp-tiles {chunks}")
+    if a.tiled_loss_tokens == 0:
+        a.tiled_loss_tokens = max(1, min(chunk, a.seq_length) // sp)  # a chunk's tokens on one rank
+        set_.append(f"--tiled-loss-tokens {a.tiled_loss_tokens}")
+    heads, kv = a.num_attention_heads, a.num_query_groups or a.num_attention_heads
+    if a.ulysses_overlap_chunks == 1 and a.ring_attention_size == 1 and sp > 1 and heads % sp == 0 and kv % sp == 0:
+        per_rank = math.gcd(heads // sp, kv // sp)
+        overlap = max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= chunks)
+        if overlap > 1:
+            a.ulysses_overlap_chunks = overlap
+            set_.append(f"--ulysses-overlap-chunks {overlap}")
+    if a.ds_sequence_parallel_fpdt_offloading and not a.offload_activations:
+        a.offload_activations = True
+        set_.append("--offload-activations")
+    return [f"--ds-sequence-parallel-fpdt (chunks of {chunk} tokens, {chunks} per sequence): mapped onto "
+            f"{', '.join(set_) or 'the tiling already requested'} ({FPDT_NOTE})"]
 
 
 def resolve_upstream_names(a: argparse.Namespace) -> list:

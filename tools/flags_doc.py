@@ -37,7 +37,7 @@ NOT_SUPPORTED = """\
   upstream's `--checkpoint-in-cpu`).
 - **BERT, T5, vision, biencoder models**: their flags are accepted without effect, as upstream's
   `pretrain_gpt.py` ignores them too.
-- **Not implemented yet, parsed already**: partial RoPE (`--rotary-percent`), multi-layer recompute chunks
+- **Not implemented yet, parsed already**: multi-layer recompute chunks
   (`--checkpoint-num-layers`) and FPDT (`--ds-sequence-parallel-fpdt*`). Their defaults are accepted; any other
   value is refused as "not implemented yet" rather than silently ignored.
 """
@@ -72,9 +72,14 @@ the flags that are also given.
 """
 
 KNOWN_DIFFERENCES = """\
-- Upstream's GPT MLP with biases uses a fused bias-GeLU kernel that computes the **tanh approximation** of GeLU
-  (`--no-bias-gelu-fusion` switches upstream to the exact GeLU). This framework computes the exact (erf) GeLU.
-  The two differ by about 1e-3 in activation values; a checkpoint converted from upstream sees that difference.
+- GeLU is upstream's, kernel choice included: a GeLU MLP with biases computes the **tanh approximation**
+  (upstream's default fused bias-GeLU kernel), `--no-bias-gelu-fusion`, `--disable-bias-linear` and
+  `--onnx-safe` give the exact (erf) GeLU, `--openai-gelu` the tanh one. (Runs of this framework before
+  that rule computed the exact GeLU whatever the flags; a checkpoint stores which one it was trained with.)
+- Padded vocabulary (`--make-vocab-size-divisible-by`): upstream's cross-entropy runs over the padded
+  vocabulary, so the padding ids take part in the softmax. Here they never do (loss, tiled loss, evaluation,
+  generation), and Hugging Face export drops the padding rows; losses are lower by the padding's share of
+  the softmax.
 - Upstream logs to TensorBoard/W&B from the last rank; here rank 0 logs values that are already global.
 """
 

@@ -16,8 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.data.preprocess import PreprocessConfig, PreprocessError, preprocess  # noqa: E402
-from megatron.data.tokenizers import TokenizerError, add_tokenizer_args  # noqa: E402
+from megatron.config import UserError  # noqa: E402
+from megatron.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from megatron.data.tokenizers import add_tokenizer_args  # noqa: E402
 
 
 def get_args(argv=None):
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     )
     try:
         preprocess(cfg)
-    except (PreprocessError, TokenizerError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:  # bad input, tokenizer or output path: the message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -102,18 +102,38 @@ def cached_arrays(folder: str | None, stem: str, description: dict, names: tuple
             log(f"WARNING: cannot write to {folder}; index kept in memory (pass a writable cache dir)")
         return arrays
 
+    def load() -> dict | None:
+        """The cached arrays, or None (with a warning) when a file is damaged: a cache is
+        disposable, so a truncated or garbled file is rebuilt, never fatal."""
+        arrays = {}
+        for n in names:
+            try:
+                arrays[n] = np.load(paths[n], mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                _warn(f"WARNING: index cache file {paths[n]} is damaged ({e}); rebuilding it")
+                return None
+        return arrays
+
     dist = _dist() if collective else None
-    built = None
+    built = loaded = None
     if dist is None or dist.get_rank() == 0:
-        if not complete():
+        if complete():
+            loaded = load()
+        if loaded is None:
             built = build_and_save()
     if dist is not None:
         dist.barrier()
     if built is not None:
         return built
-    if not complete():  # not shared with rank 0, or unwritable
+    if loaded is None and complete():
+        loaded = load()
+    if loaded is None:  # not shared with rank 0, unwritable, or damaged since
         return build_and_save()
-    return {n: np.load(paths[n], mmap_mode="r", allow_pickle=False) for n in names}
+    return loaded
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 __all__ = ["cache_key", "cached_arrays", "describe_file"]

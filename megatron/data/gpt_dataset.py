@@ -28,7 +28,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megatron.config import ConfigError, UserError
 from megatron.data.cache import _dist, cached_arrays, describe_file
+from megatron.data.checks import check_token_ids
 from megatron.data.eod_index import count_in_ranges, get_eod_positions
 from megatron.data.index_mapping import (
     blending_num_samples,
@@ -44,7 +46,7 @@ INDEX_VERSION = 1
 SPLIT_NAMES = ("train", "valid", "test")
 
 
-class DatasetTooSmallError(ValueError):
+class DatasetTooSmallError(UserError, ValueError):
     """A split (or blend) that cannot supply the samples asked of it."""
 
 
@@ -62,7 +64,8 @@ class GPTDataset:
                  collective: bool = True) -> None:
         documents = np.asarray(documents, dtype=np.int64)
         if len(documents) == 0:
-            raise ValueError(f"{name} dataset of {indexed.path_prefix} has no documents")
+            raise DatasetTooSmallError(f"the {name} split of {indexed.path_prefix} has no documents: use more data "
+                                       "or give this split a larger share of --split")
         if documents.min() < 0 or documents.max() >= len(indexed):
             raise ValueError(f"{name}: document ids out of range [0, {len(indexed)})")
         if seq_length < 1:
@@ -118,6 +121,10 @@ class GPTDataset:
             raise IndexError(f"sample {idx} out of range for {self.name} dataset of {len(self)} samples")
         return int(self.shuffle_idx[idx])
 
+    def source(self, idx: int) -> str:
+        """Where sample `idx` comes from, for error messages."""
+        return f"sample {idx} of the {self.name} split of {self.indexed.path_prefix!r}"
+
     def pieces(self, idx: int):
         """(global token offsets int64[m], lengths int64[m]) of the document pieces that,
         concatenated, form sample `idx` (after shuffling). Index arrays only."""
@@ -165,6 +172,20 @@ class GPTDataset:
         p = int(np.flatnonzero(counts)[-1])
         return total, int(begins[p] + last[p] - starts[p])
 
+    def eod_positions(self, idx: int, stop: int, eod: int) -> np.ndarray:
+        """Sample positions < stop that hold an EOD token (int64, ascending), from the index and
+        the EOD table only: what a rank needs for the document boundaries of the whole sample."""
+        table = get_eod_positions(self.indexed, eod, self.eod_mode, self.cache_dir)
+        starts, lengths = self.pieces(idx)
+        begins = np.cumsum(lengths) - lengths
+        keep = begins < stop
+        starts, lengths, begins = starts[keep], lengths[keep], begins[keep]
+        stops = starts + np.minimum(lengths, stop - begins)
+        lo = np.searchsorted(table, starts, side="left")
+        hi = np.searchsorted(table, stops, side="left")
+        return np.concatenate([table[a:b] - s + o for a, b, s, o in zip(lo, hi, starts, begins)]
+                              or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+
     def prepare_eod(self, eod: int, collective: bool = True) -> None:
         """Build (or load) the EOD table now, rank 0 first, instead of lazily in a step."""
         get_eod_positions(self.indexed, eod, self.eod_mode, self.cache_dir, collective=collective)
@@ -186,7 +207,8 @@ class BlendedDataset:
         if len(datasets) != len(weights) or not datasets:
             raise ValueError("BlendedDataset needs one weight per dataset")
         if len(datasets) >= 32767:
-            raise ValueError("at most 32766 datasets can be blended (int16 dataset index)")
+            raise ConfigError("at most 32766 datasets can be blended (int16 dataset index); merge some prefixes "
+                              "with tools/merge_datasets.py")
         self.datasets = list(datasets)
         self.weights = normalize_weights(weights)
         self.size = int(size)
@@ -234,6 +256,10 @@ class BlendedDataset:
         ds, i = self._where(idx)
         return ds.get_slice(i, start, stop)
 
+    def source(self, idx: int) -> str:
+        ds, i = self._where(idx)
+        return f"{ds.source(i)} (sample {idx} of the blend)"
+
     def pieces(self, idx: int):
         ds, i = self._where(idx)
         return ds.pieces(i)
@@ -241,6 +267,10 @@ class BlendedDataset:
     def eods_before(self, idx: int, pos: int, eod: int):
         ds, i = self._where(idx)
         return ds.eods_before(i, pos, eod)
+
+    def eod_positions(self, idx: int, stop: int, eod: int) -> np.ndarray:
+        ds, i = self._where(idx)
+        return ds.eod_positions(i, stop, eod)
 
     def prepare_eod(self, eod: int, collective: bool = True) -> None:
         for d in self.datasets:
@@ -257,22 +287,28 @@ def parse_data_prefix(data_prefix: str | Sequence[str]):
     if len(items) == 1:
         return [1.0], items
     if len(items) % 2:
-        raise ValueError(f"--data-path with several datasets must alternate weight and prefix, got {items}")
+        raise ConfigError(f"--data-path with several datasets must alternate weight and prefix ('W1 PREFIX1 W2 "
+                          f"PREFIX2 ...'), got {len(items)} words: {items}; give every prefix a weight, or pass "
+                          "a single prefix")
     weights, prefixes = [], []
     for w, p in zip(items[0::2], items[1::2]):
         try:
             weights.append(float(w))
         except ValueError as e:
-            raise ValueError(f"--data-path: {w!r} is not a weight (expected 'weight prefix' pairs)") from e
+            raise ConfigError(f"--data-path: {w!r} is not a weight (expected 'weight prefix' pairs, e.g. "
+                              f"--data-path 0.7 {w} 0.3 OTHER_PREFIX)") from e
         prefixes.append(p.strip())
     normalize_data_path_weights(weights)  # validates
     return weights, prefixes
 
 
-def _split_datasets(prefix, split, seq_length, num_samples, seed, cache_dir, eod_mode, build_empty=False):
+def _split_datasets(prefix, split, seq_length, num_samples, seed, cache_dir, eod_mode, build_empty=False,
+                    vocab_size=None):
     """GPTDataset per split of one prefix; None for a split without documents, or (unless
     `build_empty`, which blend components need) one asked for no samples."""
     indexed = MMapIndexedDataset(prefix)
+    if vocab_size is not None:
+        check_token_ids(indexed, vocab_size)
     bounds = get_train_valid_test_split(split, len(indexed))
     out = []
     for i, name in enumerate(SPLIT_NAMES):
@@ -288,7 +324,7 @@ def _split_datasets(prefix, split, seq_length, num_samples, seed, cache_dir, eod
 def build_train_valid_test_datasets(data_prefix, split: str, seq_length: int,
                                     train_valid_test_num_samples: Sequence[int], seed: int, *,
                                     cache_dir: str | None = None, eod_token: int | None = None,
-                                    eod_mode: str = "scan"):
+                                    eod_mode: str = "scan", vocab_size: int | None = None):
     """(train, valid, test) datasets for Megatron's `--data-path`, `--split`, `--seq-length`, `--seed`.
 
     A split is None when it has no documents or 0 samples are asked of it. With several
@@ -297,7 +333,9 @@ def build_train_valid_test_datasets(data_prefix, split: str, seq_length: int,
     the blend holds the sum of those, a little more than N; its first N samples are
     checked to exist. `eod_token` builds the EOD tables now (needed for
     reset_position_ids / reset_attention_mask under sequence parallelism) so that no
-    training step pays for it. Call on every rank: rank 0 builds caches, others wait.
+    training step pays for it. `vocab_size` checks a sample of each dataset's tokens against the
+    model's vocabulary (megatron.data.checks.check_token_ids). Call on every rank: rank 0
+    builds caches, others wait.
     """
     items = [data_prefix] if isinstance(data_prefix, str) else [str(x) for x in data_prefix]
     weights, prefixes = parse_data_prefix(items)
@@ -305,12 +343,14 @@ def build_train_valid_test_datasets(data_prefix, split: str, seq_length: int,
     if len(nums) != 3:
         raise ValueError("train_valid_test_num_samples must have three entries")
     if len(items) == 1:
-        result = _split_datasets(prefixes[0], split, seq_length, nums, seed, cache_dir, eod_mode)
+        result = _split_datasets(prefixes[0], split, seq_length, nums, seed, cache_dir, eod_mode,
+                                 vocab_size=vocab_size)
     else:  # a blend, even of one weighted prefix ("1.0 PREFIX" builds 1.005 N samples, as in Megatron)
         weights = normalize_data_path_weights(weights)  # Megatron's first normalisation
         per_dataset = [blending_num_samples(weights, n or 0) for n in nums]  # [split][dataset]
         parts = [_split_datasets(p, split, seq_length, [per_dataset[s][k] if nums[s] else None for s in range(3)],
-                                 seed, cache_dir, eod_mode, build_empty=True) for k, p in enumerate(prefixes)]
+                                 seed, cache_dir, eod_mode, build_empty=True, vocab_size=vocab_size)
+                 for k, p in enumerate(prefixes)]
         result = []
         for s, name in enumerate(SPLIT_NAMES):
             comps = [parts[k][s] for k in range(len(prefixes))]

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megatron.config import ConfigError
+
 
 def get_train_valid_test_split(splits_string: str, size: int) -> list[int]:
     """Document boundaries [0, a, b, size] of train/valid/test for `--split` ("949,50,1").
@@ -33,10 +35,10 @@ def get_train_valid_test_split(splits_string: str, size: int) -> list[int]:
     try:
         parts = [float(s) for s in splits_string.split(sep)] if sep else [float(splits_string)]
     except ValueError as e:
-        raise ValueError(f"--split {splits_string!r} must be numbers separated by ',' or '/', e.g. 949,50,1") from e
+        raise ConfigError(f"--split {splits_string!r} must be numbers separated by ',' or '/', e.g. 949,50,1") from e
     parts = (parts + [0.0, 0.0])[:3]
     if any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"--split {splits_string!r} must be non-negative with a positive sum")
+        raise ConfigError(f"--split {splits_string!r} must be non-negative with a positive sum, e.g. 949,50,1")
     total = sum(parts)
     fractions = [p / total for p in parts]
     bounds = [0]
@@ -151,8 +153,10 @@ def build_index_mappings(documents: np.ndarray, sizes: np.ndarray, num_samples: 
 def _check_weights(weights: Sequence[float]) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"blend weights must be finite and non-negative with a positive sum, got {list(weights)}; "
-                         "fix the weights of --data-path 'W1 PREFIX1 W2 PREFIX2 ...'")
+        bad = [float(x) for x in np.ravel(w) if not np.isfinite(x) or x < 0]
+        why = f"{bad[0]} is not a finite non-negative number" if bad else "they sum to 0"
+        raise ConfigError(f"blend weights must be finite and non-negative with a positive sum, got {list(weights)} "
+                          f"({why}); fix the weights of --data-path 'W1 PREFIX1 W2 PREFIX2 ...'")
     return w
 
 

@@ -36,6 +36,8 @@ import warnings
 
 import numpy as np
 
+from megatron.config import UserError
+
 MAGIC = b"MMIDIDX\x00\x00"
 LEGACY_MAGIC = b"TNTIDX\x00\x00"  # Megatron's old "lazy"/"cached" IndexedDataset
 VERSION = 1
@@ -56,8 +58,12 @@ DTYPE_CODES = {
 _CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(UserError, ValueError):
     """A `.bin`/`.idx` pair that cannot be read; the message names the file and the problem."""
+
+
+class DatasetFileNotFoundError(IndexedDatasetError, FileNotFoundError):
+    """A `.bin` or `.idx` file of a dataset prefix is missing (also a FileNotFoundError)."""
 
 
 def best_dtype(vocab_size: int | None):
@@ -88,6 +94,21 @@ def _strip_suffix_hint(prefix: str) -> str:
     return ""
 
 
+def _missing_file_message(prefix: str, path: str, what: str) -> str:
+    """Why `path` (the .bin or .idx of `prefix`) is not there, and what to pass instead."""
+    if os.path.isdir(prefix):
+        inside = sorted(n[:-4] for n in os.listdir(prefix) if n.endswith(".idx"))[:3]
+        example = f", e.g. {os.path.join(prefix, inside[0])!r}" if inside else ""
+        return (f"dataset prefix {prefix!r} is a directory; pass the path of a .bin/.idx pair without the "
+                f"extension (what tools/preprocess_data.py printed{example})")
+    if os.path.isdir(path):
+        return f"{what} file {path} of dataset prefix {prefix!r} is a directory, not a file"
+    hint = _strip_suffix_hint(prefix)
+    if not hint:
+        hint = "; check the path, or run tools/preprocess_data.py to make the .bin/.idx pair"
+    return f"{what} file {path} of dataset prefix {prefix!r} does not exist{hint}"
+
+
 class MMapIndexedDataset:
     """Read-only view of a `.bin/.idx` pair.
 
@@ -104,38 +125,7 @@ class MMapIndexedDataset:
     def _open(self) -> None:
         prefix = self._prefix
         idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
-        for path, what in ((idx_path, "index"), (bin_path, "data")):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{what} file {path} of dataset prefix {prefix!r} does not exist{_strip_suffix_hint(prefix)}"
-                )
-        idx_bytes = os.path.getsize(idx_path)
-        with open(idx_path, "rb") as f:
-            head = f.read(_HEADER.size)
-        if head[:8] == LEGACY_MAGIC:
-            raise IndexedDatasetError(
-                f"{idx_path} is Megatron's legacy 'lazy/cached' IndexedDataset; only the mmap format is "
-                "supported: re-run tools/preprocess_data.py (Megatron's --dataset-impl mmap)"
-            )
-        if len(head) < _HEADER.size:
-            raise IndexedDatasetError(
-                f"{idx_path} is truncated: {idx_bytes} bytes, shorter than the {_HEADER.size}-byte header"
-            )
-        magic, version, code, n_seq, n_doc = _HEADER.unpack(head)
-        if magic != MAGIC:
-            raise IndexedDatasetError(f"{idx_path} is not a Megatron mmap index: magic {magic!r}, expected {MAGIC!r}")
-        if version != VERSION:
-            raise IndexedDatasetError(f"{idx_path} has index version {version}; only version {VERSION} is supported")
-        if code not in DTYPE_CODES:
-            raise IndexedDatasetError(f"{idx_path} has unknown dtype code {code}; known: {sorted(DTYPE_CODES)}")
-        expected = _HEADER.size + n_seq * (4 + 8) + n_doc * 8
-        # Megatron-LM's multimodal variant appends one int8 "mode" per sequence.
-        if idx_bytes not in (expected, expected + n_seq):
-            state = "truncated" if idx_bytes < expected else "longer than its header says"
-            raise IndexedDatasetError(
-                f"{idx_path} is {state}: {idx_bytes} bytes, header announces {n_seq} sequences and "
-                f"{n_doc} document indices ({expected} bytes)"
-            )
+        code, n_seq, n_doc = _read_header(prefix)
         self._dtype = DTYPE_CODES[code]
         self._idx_mmap = np.memmap(idx_path, mode="r", dtype=np.uint8)
         off = _HEADER.size
@@ -160,8 +150,11 @@ class MMapIndexedDataset:
                     f"{'truncated' if have < want else 'longer than its index'} or the pair comes from different "
                     "runs")
         if have:
-            with open(bin_path, "rb") as f:
-                self._bin_mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                with open(bin_path, "rb") as f:
+                    self._bin_mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise IndexedDatasetError(f"cannot read {bin_path}: {e.strerror}") from e
             self._tokens = np.frombuffer(self._bin_mmap, dtype=self._dtype, count=want // item)
         else:  # mmap of an empty file is an error on Linux
             self._bin_mmap = None
@@ -304,6 +297,48 @@ class MMapIndexedDataset:
             return self._tokens[:0]
         start = int(self._pointers[first]) // self._dtype.itemsize
         return self._tokens[start:start + int(self._sizes[first:last].sum(dtype=np.int64))]
+
+
+
+def _read_header(prefix: str) -> tuple[int, int, int]:
+    """(dtype code, sequences, document indices) of `prefix`'s index, after the checks that cost O(1):
+    both files exist, the header is a version-1 Megatron mmap header, the .idx has the size it announces."""
+    idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
+    for path, what in ((idx_path, "index"), (bin_path, "data")):
+        if not os.path.isfile(path):
+            raise DatasetFileNotFoundError(_missing_file_message(prefix, path, what))
+    idx_bytes = os.path.getsize(idx_path)
+    try:
+        with open(idx_path, "rb") as f:
+            head = f.read(_HEADER.size)
+    except OSError as e:
+        raise IndexedDatasetError(f"cannot read {idx_path}: {e.strerror}") from e
+    if head[:8] == LEGACY_MAGIC:
+        raise IndexedDatasetError(
+            f"{idx_path} is Megatron's legacy 'lazy/cached' IndexedDataset; only the mmap format is "
+            "supported: re-run tools/preprocess_data.py (Megatron's --dataset-impl mmap)"
+        )
+    if len(head) < _HEADER.size:
+        raise IndexedDatasetError(
+            f"{idx_path} is truncated: {idx_bytes} bytes, shorter than the {_HEADER.size}-byte header"
+        )
+    magic, version, code, n_seq, n_doc = _HEADER.unpack(head)
+    if magic != MAGIC:
+        raise IndexedDatasetError(f"{idx_path} is not a Megatron mmap index: magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise IndexedDatasetError(f"{idx_path} has index version {version}; only version {VERSION} is supported")
+    if code not in DTYPE_CODES:
+        raise IndexedDatasetError(f"{idx_path} has unknown dtype code {code}; known: {sorted(DTYPE_CODES)}")
+    expected = _HEADER.size + n_seq * (4 + 8) + n_doc * 8
+    # Megatron-LM's multimodal variant appends one int8 "mode" per sequence.
+    if idx_bytes not in (expected, expected + n_seq):
+        state = "truncated" if idx_bytes < expected else "longer than its header says"
+        raise IndexedDatasetError(
+            f"{idx_path} is {state}: {idx_bytes} bytes, header announces {n_seq} sequences and "
+            f"{n_doc} document indices ({expected} bytes)"
+        )
+    return code, n_seq, n_doc
+
 
 
 class _Growable:
@@ -521,6 +556,7 @@ def make_dataset(path_prefix: str, impl: str = "mmap", skip_warmup: bool = True)
 
 __all__ = [
     "DTYPE_CODES",
+    "DatasetFileNotFoundError",
     "IndexedDatasetError",
     "MMapIndexedDataset",
     "MMapIndexedDatasetBuilder",

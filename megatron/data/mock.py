@@ -43,6 +43,9 @@ class MockGPTDataset:
         where = np.flatnonzero(self._sample(int(idx))[:max(pos, 0)] == eod)
         return (len(where), int(where[-1])) if len(where) else (0, -1)
 
+    def eod_positions(self, idx: int, stop: int, eod: int) -> np.ndarray:
+        return np.flatnonzero(self._sample(int(idx))[:max(stop, 0)] == eod).astype(np.int64)
+
     def __getitem__(self, idx: int) -> dict:
         return {"text": self._sample(int(idx))}
 

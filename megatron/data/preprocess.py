@@ -21,10 +21,12 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
+from megatron.config import UserError
 from megatron.data.indexed_dataset import (
     MMapIndexedDataset,
     MMapIndexedDatasetBuilder,
@@ -35,7 +37,7 @@ from megatron.data.indexed_dataset import (
 from megatron.data.tokenizers import build_tokenizer
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError, ValueError):
     """Bad input; the message carries the file and line number."""
 
 
@@ -137,14 +139,47 @@ def _encode_batch(batch):
 
 # -- main side ---------------------------------------------------------------------------
 def _open_input(path: str):
+    if os.path.isdir(path):
+        raise PreprocessError(f"--input {path} is a directory; pass one JSONL file (.jsonl or .jsonl.gz). For "
+                              "many files, run once per file and join the outputs with tools/merge_datasets.py")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--input {path} does not exist")
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
+    try:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        return gzip.open(path, "rb") if gz else open(path, "rb")
+    except OSError as e:
+        raise PreprocessError(f"--input {path}: cannot read it ({e.strerror or e})") from e
 
 
-def _batches(f, batch_bytes: int, counter: list):
+def _check_output_prefix(output_prefix: str) -> None:
+    """The folder of --output-prefix exists or can be made, and is writable."""
+    folder = os.path.dirname(os.path.abspath(output_prefix))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise PreprocessError(f"--output-prefix {output_prefix}: {existing} is a file, so the folder {folder} "
+                              "cannot be made; choose an output path in a directory")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".preprocess-write-test.{os.getpid()}")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise PreprocessError(f"--output-prefix {output_prefix}: cannot write in {folder} "
+                              f"({e.strerror or e}); choose a writable output path") from e
+
+
+def _batches(f, batch_bytes: int, counter: list, path: str = "--input"):
+    try:
+        yield from _read_batches(f, batch_bytes, counter)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise PreprocessError(f"{path}: cannot read it past byte {counter[0]} of its text ({e}): a truncated or "
+                              "corrupt file; re-download or re-compress it") from e
+
+
+def _read_batches(f, batch_bytes: int, counter: list):
     batch, size = [], 0
     for line_no, raw in enumerate(f, start=1):
         counter[0] += len(raw)
@@ -164,6 +199,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
     if cfg.workers < 1:
         raise PreprocessError(f"--workers must be >= 1, got {cfg.workers}")
     tok = build_tokenizer(cfg.tokenizer_type, **cfg.tokenizer_kwargs())
+    _check_output_prefix(cfg.output_prefix)
     dtype = np.dtype(best_dtype(tok.vocab_size))
     keys = list(cfg.json_keys)
     stats = PreprocessStats(tokens={k: 0 for k in keys},
@@ -179,7 +215,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
     pool = None
     try:
         with _open_input(cfg.input) as f:
-            batches = _batches(f, cfg.batch_bytes, counter)
+            batches = _batches(f, cfg.batch_bytes, counter, cfg.input)
             if cfg.workers == 1:
                 _init_worker(*init_args)
                 results = map(_encode_batch, batches)

@@ -15,6 +15,10 @@ sample:
   start of the sample, so every rank gives the same id to the same document; after the
   all-to-all of DistributedAttention each rank holds the full sequence, all-gathers
   segment_ids, and applies the document-causal mask exactly.
+* documents (reset_attention_mask): the document boundaries of the WHOLE sample as a
+  `megatron.core.documents.Documents`, from the EOD index alone (no token of another rank is
+  read). The model uses it instead of gathering segment_ids: no collective, and no layer
+  waits for the GPU to learn document lengths (flash-attn varlen and SDPA need them on the host).
 
 The EODs in front of the slice are counted from the index (`dataset.eods_before`), so
 no rank reads, materialises or receives another rank's tokens.
@@ -27,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from megatron.core.documents import Documents
 from megatron.core.sequence_parallel.layout import token_ranges
 from megatron.data.samplers import MegatronPretrainingSampler
 
@@ -47,12 +52,16 @@ def sp_token_ranges(seq_length: int, sp_rank: int, sp_size: int, ring_size: int 
 
 def get_sp_batch(dataset, sample_indices: Sequence[int], seq_length: int, sp_rank: int, sp_size: int,
                  eod_token: int | None, reset_position_ids: bool = False, reset_attention_mask: bool = False,
-                 eod_mask_loss: bool = False, ring_size: int = 1) -> dict:
+                 eod_mask_loss: bool = False, ring_size: int = 1, vocab_size: int | None = None) -> dict:
     """The micro-batch `sample_indices` as this SP rank's tensors (see module docstring).
 
     Returns tokens, labels, position_ids (LongTensor [b, s/p]), loss_mask (FloatTensor
-    [b, s/p]) and segment_ids (LongTensor [b, s/p], or None unless reset_attention_mask).
+    [b, s/p]), segment_ids (LongTensor [b, s/p], or None unless reset_attention_mask) and
+    documents (the whole samples' `Documents`, or None unless reset_attention_mask).
     With `ring_size > 1` the rank's tokens are its zigzag ranges, concatenated.
+    `vocab_size`: raise TokenIdError for an id the model cannot embed (checked here, on the
+    host copy, so a bad id never reaches the embedding: on a GPU it would be a device-side
+    assert that poisons the CUDA context).
     """
     ds_seq = getattr(dataset, "seq_length", seq_length)
     if ds_seq != seq_length:
@@ -61,10 +70,15 @@ def get_sp_batch(dataset, sample_indices: Sequence[int], seq_length: int, sp_ran
     if needs_eod and eod_token is None:
         raise ValueError("eod_token is required with eod_mask_loss / reset_position_ids / reset_attention_mask")
     parts = [_range_batch(dataset, sample_indices, start, stop, eod_token, needs_eod, reset_position_ids,
-                          reset_attention_mask, eod_mask_loss)
+                          reset_attention_mask, eod_mask_loss, vocab_size)
              for start, stop in sp_token_ranges(seq_length, sp_rank, sp_size, ring_size)]
     cat = lambda key: np.ascontiguousarray(np.concatenate([p[key] for p in parts], axis=1))  # noqa: E731
+    documents = None
+    if reset_attention_mask:
+        documents = Documents([_document_lengths(dataset.eod_positions(int(i), seq_length, eod_token), seq_length)
+                               for i in sample_indices])
     return {
+        "documents": documents,
         "tokens": torch.from_numpy(cat("tokens")),
         "labels": torch.from_numpy(cat("labels")),
         "loss_mask": torch.from_numpy(cat("loss_mask")),
@@ -73,13 +87,21 @@ def get_sp_batch(dataset, sample_indices: Sequence[int], seq_length: int, sp_ran
     }
 
 
+def _document_lengths(eods: np.ndarray, seq_length: int) -> np.ndarray:
+    """Document lengths of a sample's inputs [0, N): a document ends at each EOD (inclusive)."""
+    cuts = np.concatenate([[0], eods[eods < seq_length - 1] + 1, [seq_length]])
+    return np.diff(cuts)
+
+
 def _range_batch(dataset, sample_indices, start, stop, eod_token, needs_eod, reset_position_ids,
-                 reset_attention_mask, eod_mask_loss) -> dict:
+                 reset_attention_mask, eod_mask_loss, vocab_size=None) -> dict:
     """Numpy arrays `[b, stop - start]` for tokens [start, stop) of each sample."""
     b, n = len(sample_indices), stop - start
     window = np.empty((b, n + 1), dtype=np.int64)  # inputs [start, stop) and one more for the last label
     for row, idx in enumerate(sample_indices):
         window[row] = dataset.get_slice(int(idx), start, stop + 1)
+    if vocab_size is not None and window.size and (window.max() >= vocab_size or window.min() < 0):
+        _raise_token_id_error(dataset, sample_indices, window, start, vocab_size)
     tokens, labels = window[:, :-1], window[:, 1:]
     is_eod = tokens == eod_token if needs_eod else None
 
@@ -105,11 +127,24 @@ def _range_batch(dataset, sample_indices, start, stop, eod_token, needs_eod, res
             "segment_ids": segment_ids}
 
 
+def _raise_token_id_error(dataset, sample_indices, window: np.ndarray, start: int, vocab_size: int) -> None:
+    from megatron.data.checks import TokenIdError, token_id_message  # noqa: PLC0415
+
+    bad = (window >= vocab_size) | (window < 0)  # [b, n + 1]
+    row = int(np.flatnonzero(bad.any(axis=1))[0])
+    col = int(np.flatnonzero(bad[row])[0])
+    idx = int(sample_indices[row])
+    where = dataset.source(idx) if hasattr(dataset, "source") else f"sample {idx}"
+    value = int(window[row, col])
+    raise TokenIdError(token_id_message(where, value, vocab_size, f"at position {start + col}; largest id in this "
+                                                                   f"batch {int(window.max())}"))
+
+
 def sp_batch_iterator(dataset, *, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
                       data_parallel_size: int, seq_length: int, sp_rank: int, sp_size: int,
                       eod_token: int | None, reset_position_ids: bool = False,
                       reset_attention_mask: bool = False, eod_mask_loss: bool = False,
-                      total_samples: int | None = None, ring_size: int = 1):
+                      total_samples: int | None = None, ring_size: int = 1, vocab_size: int | None = None):
     """Endless-until-exhausted stream of this rank's batches, resuming at `consumed_samples`.
 
     Every rank of an SP group gets the same sample indices (same DP rank) and reads its
@@ -121,7 +156,7 @@ def sp_batch_iterator(dataset, *, consumed_samples: int, micro_batch_size: int, 
                                          data_parallel_size)
     for indices in sampler:
         yield get_sp_batch(dataset, indices, seq_length, sp_rank, sp_size, eod_token,
-                           reset_position_ids, reset_attention_mask, eod_mask_loss, ring_size)
+                           reset_position_ids, reset_attention_mask, eod_mask_loss, ring_size, vocab_size)
 
 
 __all__ = ["MegatronPretrainingSampler", "get_sp_batch", "sp_batch_iterator", "sp_slice_bounds", "sp_token_ranges"]

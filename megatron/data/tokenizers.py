@@ -16,6 +16,8 @@ import os
 import re
 from collections.abc import Sequence
 
+from megatron.config import UserError
+
 TOKENIZER_TYPES = (
     "GPT2BPETokenizer",
     "SentencePieceTokenizer",
@@ -25,7 +27,7 @@ TOKENIZER_TYPES = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be built; the message names the flag to fix."""
 
 
@@ -71,6 +73,8 @@ def _need_file(path: str | None, flag: str, ttype: str, what: str) -> str:
         raise TokenizerError(f"--tokenizer-type {ttype} needs {flag} ({what})")
     if not os.path.exists(path):
         raise TokenizerError(f"{flag} {path} does not exist ({what} for --tokenizer-type {ttype})")
+    if os.path.isdir(path):
+        raise TokenizerError(f"{flag} {path} is a directory; pass {what} inside it (for --tokenizer-type {ttype})")
     return str(path)
 
 
@@ -89,12 +93,24 @@ class GPT2BPETokenizer(_Base):
 
         vocab_file = _need_file(vocab_file, "--vocab-file", self.name, "the GPT-2 vocab.json")
         merge_file = _need_file(merge_file, "--merge-file", self.name, "the GPT-2 merges.txt")
-        tok = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        try:
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = json.load(f)
+        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise TokenizerError(f"--vocab-file {vocab_file} is not a GPT-2 vocab.json (a JSON object of token -> "
+                                 f"id): {e}; pass the vocab.json that goes with --merge-file") from e
+        if not isinstance(vocab, dict):
+            raise TokenizerError(f"--vocab-file {vocab_file} holds a JSON {type(vocab).__name__}, not the "
+                                 "{token: id} object of a GPT-2 vocab.json")
+        try:
+            tok = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        except Exception as e:  # the Rust side raises a generic Exception
+            raise TokenizerError(f"--vocab-file {vocab_file} and --merge-file {merge_file} do not load as a GPT-2 "
+                                 f"BPE tokenizer: {e}; check that --merge-file is the merges.txt that goes with "
+                                 "the vocab") from e
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
         self._tok = tok
-        with open(vocab_file, encoding="utf-8") as f:
-            vocab = json.load(f)
         if "<|endoftext|>" not in vocab:
             raise TokenizerError(f"--vocab-file {vocab_file} has no '<|endoftext|>' entry, which GPT-2 uses as EOD")
         self._eod = vocab["<|endoftext|>"]

@@ -47,8 +47,7 @@ class GPTModel(nn.Module):
         # once, from `init_plan`: the same draws whether built here or materialised by shards.
         with torch.device("meta"):
             self.embedding = Embedding(config)
-            self.rotary = (RotaryEmbedding(config.kv_channels, config.rotary_base)
-                           if config.position_embedding_type == "rope" else None)
+            self.rotary = RotaryEmbedding.from_config(config) if config.position_embedding_type == "rope" else None
             self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
             self.final_norm = build_norm(config)
             self.output_layer = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -81,18 +80,26 @@ class GPTModel(nn.Module):
             if param.device.type != "meta":
                 init(param)
 
+    def run_layers(self, x: torch.Tensor, rope, documents) -> torch.Tensor:
+        """The transformer layers in order (parallelize_gpt may recompute them in chunks)."""
+        for layer in self.layers:
+            x = layer(x, rope, documents)
+        return x
+
     @property
     def output_weight(self) -> torch.Tensor:
         return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, segment_ids=None):
+                labels: torch.Tensor | None = None, segment_ids=None, sequence_length: int | None = None):
         """tokens, position_ids, labels: `[b, s]`; segment_ids: documents of the sequences
         (`[b, s]` ids or a `megatron.core.documents.Documents`), turning on document-causal
-        attention.
+        attention. `sequence_length`: length of the full sequences these tokens belong to (only
+        dynamic NTK RoPE reads it; default `s`, and the SP input hook passes `s x` SP size).
 
         Returns per-token cross-entropy `[b, s]` (fp32) when `labels` is given, else logits
-        `[b, s, vocab]`.
+        `[b, s, V]` over the true vocabulary (`config.output_vocab_size`): padding rows of a
+        padded vocabulary never take part in a softmax.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
@@ -103,10 +110,18 @@ class GPTModel(nn.Module):
         x = self.embedding(tokens, position_ids)  # [s, b, h]
         if self.training and self.config.hidden_dropout > 0:
             x = F.dropout(x, p=self.config.hidden_dropout)
-        rope = self.rotary(position_ids) if self.rotary is not None else None
-        for layer in self.layers:
-            x = layer(x, rope, documents)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(position_ids, sequence_length if sequence_length is not None else tokens.shape[1])
+        x = self.run_layers(x, rope, documents)
         x = self.final_norm(x)
+        true_vocab = self.config.true_vocab_size
+        padded = true_vocab is not None and true_vocab < self.config.vocab_size
         if labels is None:
-            return F.linear(x, self.output_weight).transpose(0, 1)  # [s, b, V] -> [b, s, V]
+            logits = F.linear(x, self.output_weight)  # [s, b, V padded]
+            if padded:
+                logits = logits[..., :true_vocab]  # [s, b, V padded] -> [s, b, V]
+            return logits.transpose(0, 1)  # [s, b, V] -> [b, s, V]
+        if padded:  # padding columns take no part in the softmax
+            return self.loss(x, self.output_weight, labels, vocab_size=true_vocab)  # [b, s]
         return self.loss(x, self.output_weight, labels)  # [b, s]

@@ -34,8 +34,9 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
     probabilities the backward rebuilds, exp(logits - lse), are exactly the forward's."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tile: int):
-        # hidden [n, h], weight [V, h], labels [n]
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tile: int,
+                vocab_size: int | None = None):
+        # hidden [n, h], weight [V, h], labels [n]; columns >= vocab_size (padding) are -inf
         dtype = _compute_dtype(hidden)
         n = hidden.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -43,13 +44,13 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             for i in range(0, n, tile):
-                logits = (hidden[i:i + tile].to(dtype) @ w.t()).float()  # [t, V]
+                logits = _mask_padding((hidden[i:i + tile].to(dtype) @ w.t()).float(), vocab_size)  # [t, V]
                 lse[i:i + tile] = torch.logsumexp(logits, dim=-1)
                 target = logits.gather(1, labels[i:i + tile, None]).squeeze(1)
                 losses[i:i + tile] = lse[i:i + tile] - target
                 del logits, target  # one tile's logits at a time, not two
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.tile, ctx.dtype = tile, dtype
+        ctx.tile, ctx.dtype, ctx.vocab_size = tile, dtype, vocab_size
         return losses
 
     @staticmethod
@@ -63,7 +64,7 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
             w = weight.to(dtype)
             for i in range(0, hidden.shape[0], tile):
                 h = hidden[i:i + tile].to(dtype)
-                logits = (h @ w.t()).float()  # [t, V], exactly the forward's
+                logits = _mask_padding((h @ w.t()).float(), ctx.vocab_size)  # [t, V], exactly the forward's
                 # d loss_i / d logits_i = softmax(logits_i) - onehot(label_i), scaled by the incoming
                 # grad; computed in place so a tile costs one [t, V] buffer
                 probs = logits.sub_(lse[i:i + tile, None]).exp_()
@@ -77,18 +78,26 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
                 del logits, probs, g, h  # one tile's buffers at a time
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _mask_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """Padding columns (>= the true vocab) to -inf, in place: out of logsumexp, zero probability."""
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits[:, vocab_size:] = float("-inf")
+    return logits
 
 
 def tiled_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                        tile_tokens: int) -> torch.Tensor:
+                        tile_tokens: int, vocab_size: int | None = None) -> torch.Tensor:
     """Per-token cross-entropy of `hidden @ weight.T` against `labels`, `[n]` fp32.
 
     hidden `[n, h]`, weight `[vocab, h]`, labels `[n]`; peak extra memory `[tile_tokens, vocab]`.
+    `vocab_size`: the true vocab of a padded one; columns >= it are -inf before the logsumexp.
     """
     if tile_tokens <= 0:
         raise ValueError(f"tile_tokens must be positive, got {tile_tokens}")
-    return _TiledLinearCrossEntropy.apply(hidden, weight, labels, tile_tokens)
+    return _TiledLinearCrossEntropy.apply(hidden, weight, labels, tile_tokens, vocab_size)
 
 
 class TiledLanguageModelLoss(nn.Module):
@@ -100,10 +109,11 @@ class TiledLanguageModelLoss(nn.Module):
             raise ValueError(f"tile_tokens must be positive, got {tile_tokens}")
         self.tile_tokens = tile_tokens
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                vocab_size: int | None = None) -> torch.Tensor:
         s, b, h = hidden.shape
         losses = tiled_cross_entropy(hidden.reshape(s * b, h), weight, labels.t().reshape(s * b),
-                                     self.tile_tokens)  # [s * b]
+                                     self.tile_tokens, vocab_size)  # [s * b]
         return losses.view(s, b).t()  # [s, b] -> [b, s]
 
     def extra_repr(self) -> str:

@@ -55,8 +55,9 @@ class SelfAttention(nn.Module):
         self.core_attention = build_local_attention("sdpa", causal=True, dropout_p=c.attention_dropout,
                                                     layout="sbhd")
 
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, segment_ids=None) -> torch.Tensor:
-        s, b, _ = x.shape
+    def qkv_heads(self, x: torch.Tensor, rope: tuple | None = None):
+        """Q, K, V of the tokens `x` `[s, b, h]`, rotated: `[s, b, hq, d]`, `[s, b, hkv, d]` twice.
+        (Also what incremental decoding, megatron/inference, computes per new token.)"""
         qkv = self.qkv(x)  # [s, b, (hq + 2 hkv) d]
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                              self.num_kv_heads * self.head_dim], dim=-1)
@@ -65,6 +66,11 @@ class SelfAttention(nn.Module):
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [s, b, hkv, d]
         if self.use_rope:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, segment_ids=None) -> torch.Tensor:
+        s, b, _ = x.shape
+        q, k, v = self.qkv_heads(x, rope)
         ctx = self.core_attention(q, k, v, segment_ids=segment_ids)  # [s, b, hq, d]
         return self.proj(ctx.reshape(s, b, self.num_heads * self.head_dim))  # [s, b, h]
 
@@ -73,6 +79,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.swiglu = config.activation == "swiglu"
+        # "gelu": exact (erf); "gelu_tanh": the tanh approximation (OpenAI GPT-2, --openai-gelu, and
+        # what upstream's default fused bias-GeLU kernel computes)
+        self.gelu_approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         fc1_out = 2 * config.ffn_hidden_size if self.swiglu else config.ffn_hidden_size
         # for SwiGLU the fc1 output is [gate | up]
         self.fc1 = nn.Linear(config.hidden_size, fc1_out, bias=config.add_bias_linear)
@@ -84,7 +93,7 @@ class MLP(nn.Module):
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
         else:
-            y = F.gelu(y)
+            y = F.gelu(y, approximate=self.gelu_approximate)
         return self.fc2(y)
 
 

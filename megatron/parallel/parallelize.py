@@ -36,11 +36,11 @@ from megatron.parallel.materialize import has_meta_parameters, materialize_
 from megatron.parallel.offload import ActivationOffloader
 from megatron.parallel.wrappers import (
     Recompute,
+    apply_full_recompute,
     apply_layer_tiling,
     apply_mlp_tiling,
     apply_norm_tiling,
     apply_offload,
-    apply_recompute,
     install_residual_dtype,
     install_sequence_parallel_inputs,
     residual_dtype,
@@ -115,19 +115,25 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
     world = parallel_state.world_size if parallel_state is not None else 1
     validate_strategy(config, parallel, world_size=world, precision=precision, device_type=device.type)
     sp = parallel_state is not None and parallel_state.sp_size > 1
+    chunked = (parallel.recompute_granularity == "full" and parallel.recompute_method == "uniform"
+               and parallel.recompute_num_layers > 1)
     offloader = None
-    if parallel.offload_activations:
-        offloader = ActivationOffloader(device, num_layers=len(model.layers))
+    if parallel.offload_activations:  # (in units of recomputed chunks when several layers form one)
+        units = -(-len(model.layers) // parallel.recompute_num_layers) if chunked else len(model.layers)
+        offloader = ActivationOffloader(device, num_layers=units)
         model.activation_offloader = offloader
-    for index, layer in enumerate(model.layers):
+    for layer in model.layers:
         layer.attention.core_attention = build_core_attention(config, parallel, parallel_state)
         if parallel.projection_tiles > 1:
             apply_layer_tiling(layer, parallel.projection_tiles, parallel.mlp_tiles)
         elif parallel.mlp_tiles > 1:
             apply_mlp_tiling(layer.mlp, parallel.mlp_tiles)
-        if parallel.recompute_granularity == "full":
-            apply_recompute(layer)
-        if offloader is not None:
+    if parallel.recompute_granularity == "full":
+        # (uniform chunks of several layers: the chunk's input is what leaves the device)
+        apply_full_recompute(model, parallel.recompute_method, parallel.recompute_num_layers,
+                             offloader=offloader if chunked else None)
+    if offloader is not None and not chunked:  # outermost: what recompute keeps is what leaves the device
+        for index, layer in enumerate(model.layers):
             apply_offload(layer, offloader, index)
     if parallel.projection_tiles > 1:
         apply_norm_tiling(model.final_norm, parallel.projection_tiles)
@@ -153,3 +159,28 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
     if meta:
         materialize_(model, device)
     return model
+
+
+def built_rank_facts(model: nn.Module, parallel_state) -> dict:
+    """This rank's topology as built, read back from its process groups and attention modules
+    (the counterpart of megatron.planning.plan.planned_ranks, which derives it from the flags)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from megatron.core.sequence_parallel import DistributedAttention, UlyssesRingAttention  # noqa: PLC0415
+
+    ps = parallel_state
+    ranks = lambda g: dist.get_process_group_ranks(g) if g is not None else [ps.rank]  # noqa: E731
+    inner = model.module if hasattr(model, "module") and hasattr(model, "no_sync") else model
+    attn = inner.layers[0].attention.core_attention
+    cfg = inner.config
+    if isinstance(attn, UlyssesRingAttention):
+        attn = attn.ulysses
+    if isinstance(attn, DistributedAttention):
+        me = dist.get_rank(attn.spg)
+        heads = [sum(p.local_heads(me)[i] for p in attn.head_plans(cfg.num_attention_heads, cfg.num_query_groups))
+                 for i in (0, 1)]
+    else:
+        heads = [cfg.num_attention_heads, cfg.num_query_groups]
+    return {"rank": ps.rank, "dp_rank": ps.dp_rank, "sp_rank": ps.sp_rank, "ring_rank": ps.ring_rank,
+            "ulysses_rank": ps.ulysses_rank, "sp_group": ranks(ps.sp_group), "dp_group": ranks(ps.dp_group),
+            "ulysses_group": ranks(ps.ulysses_group), "ring_group": ranks(ps.ring_group), "heads": heads}

@@ -7,7 +7,8 @@ names as the plain model's. FSDP2's hooks run around the replaced forward exactl
 the original (they live in `__call__`).
 
 * `apply_recompute(layer)`: full recompute (activation checkpointing): the layer keeps only
-  its inputs and recomputes the rest in backward.
+  its inputs and recomputes the rest in backward; `apply_full_recompute` applies Megatron's
+  methods (uniform chunks of layers, or a block of the first layers).
 * `Recompute(local_attention)`: selective recompute of core attention (a parameter-free module).
 * `apply_mlp_tiling(mlp, tiles)`: the MLP over sequence tiles, each recomputed in backward.
 * `apply_layer_tiling(layer, tiles, mlp_tiles)`: every token-local part of the layer (norms,
@@ -23,6 +24,7 @@ the original (they live in `__call__`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -59,6 +61,54 @@ def apply_recompute(layer: nn.Module) -> nn.Module:
     return replace_forward(layer, recompute)
 
 
+def apply_full_recompute(model: nn.Module, method: str = "uniform", num_layers: int = 1,
+                         offloader: ActivationOffloader | None = None) -> nn.Module:
+    """Megatron's full recompute: `uniform` recomputes the layers in chunks of `num_layers` (a chunk
+    keeps only its input; backward recomputes the chunk, so the peak holds `num_layers` layers'
+    activations); `block` recomputes the first `num_layers` layers one by one and keeps the rest.
+    `offloader` (uniform chunks of several layers): each chunk's input goes to host memory (the
+    offloader counts chunks as its layers); otherwise apply_offload wraps each layer."""
+    layers = list(model.layers)
+    if method == "block":
+        for layer in layers[:num_layers]:
+            apply_recompute(layer)
+        return model
+    if num_layers == 1:
+        for layer in layers:
+            apply_recompute(layer)
+        return model
+
+    def chunked(run_layers):
+        @functools.wraps(run_layers)
+        def run(x, rope, documents):
+            for start in range(0, len(layers), num_layers):
+                chunk = layers[start:start + num_layers]
+
+                def run_chunk(h, chunk=chunk):
+                    for layer in chunk:
+                        h = layer(h, rope, documents)
+                    return h
+                if not torch.is_grad_enabled():
+                    x = run_chunk(x)
+                    continue
+                keep = [t for t in tree_flatten((rope,))[0] if isinstance(t, torch.Tensor)]
+                hooks = offloader.layer_hooks(start // num_layers, keep) if offloader is not None \
+                    else contextlib.nullcontext()
+                with hooks:
+                    x = checkpoint(run_chunk, x, use_reentrant=False)
+            return x
+        return run
+    replace_forward_of(model, "run_layers", chunked)
+    return model
+
+
+def replace_forward_of(module: nn.Module, method: str, wrap) -> nn.Module:
+    """`replace_forward` for another method of the module (e.g. GPTModel.run_layers)."""
+    setattr(module, method, wrap(getattr(module, method)))
+    module.wrapped_forwards = (*getattr(module, "wrapped_forwards", ()), f"{method}:{getattr(wrap, '__name__', wrap)}")
+    return module
+
+
 def apply_mlp_tiling(mlp: nn.Module, num_tiles: int) -> nn.Module:
     def tiled(forward):
         @functools.wraps(forward)
@@ -83,7 +133,6 @@ def apply_layer_tiling(layer: nn.Module, tiles: int, mlp_tiles: int) -> nn.Modul
     intermediate; the residual adds write into one buffer. With hidden dropout active the adds
     are not fused (dropout draws are not recomputed tile by tile).
     """
-    from megatron.model.rotary import apply_rotary  # noqa: PLC0415
     from megatron.model.sequence_tiling import tiled_map  # noqa: PLC0415
 
     attn = layer.attention
@@ -95,15 +144,12 @@ def apply_layer_tiling(layer: nn.Module, tiles: int, mlp_tiles: int) -> nn.Modul
             drop = layer.hidden_dropout if layer.training else 0.0
             cos_sin = rope if attn.use_rope else None
 
+            def heads(rows, xt):  # [tt, b, h] -> the tile's rotated q [tt, b, hq, d], k, v [tt, b, hkv, d]
+                tile_rope = None if cos_sin is None else tuple(t[rows] for t in cos_sin)  # [tt, b, 1, d]
+                return attn.qkv_heads(layer.input_norm(xt), tile_rope)
+
             def pre(rows, xt):  # [tt, b, h] -> [tt, b, (nq + 2 nkv) d]
-                y = attn.qkv(layer.input_norm(xt))
-                if cos_sin is None:
-                    return y
-                q, k, v = y.split([nq * d, nkv * d, nkv * d], dim=-1)
-                cos, sin = cos_sin[0][rows], cos_sin[1][rows]
-                q = apply_rotary(q.unflatten(-1, (nq, d)), cos, sin).flatten(-2)
-                k = apply_rotary(k.unflatten(-1, (nkv, d)), cos, sin).flatten(-2)
-                return torch.cat([q, k, v], dim=-1)
+                return torch.cat([t.flatten(-2) for t in heads(rows, xt)], dim=-1)
 
             prefetch = getattr(layer, "offload_prefetch", None)
             ulysses = _packed_ulysses(attn.core_attention, nq, nkv)
@@ -114,10 +160,7 @@ def apply_layer_tiling(layer: nn.Module, tiles: int, mlp_tiles: int) -> nn.Modul
                 p, c = plan.size, sum(widths)
 
                 def packed(rows, xt):
-                    y = pre(rows, xt)
-                    q, k, v = y.split([nq * d, nkv * d, nkv * d], dim=-1)
-                    send, _ = _pack([q.unflatten(-1, (nq, d)), k.unflatten(-1, (nkv, d)), v.unflatten(-1, (nkv, d))],
-                                    [plan.q_heads, plan.kv_heads, plan.kv_heads], 0)
+                    send, _ = _pack(list(heads(rows, xt)), [plan.q_heads, plan.kv_heads, plan.kv_heads])
                     return send.view(p, *xt.shape[:2], c, d)  # [p, tt, b, c, d]
 
                 send = tiled_map(packed, (x,), _params(layer.input_norm, attn.qkv), tiles, out_dim=1)
@@ -230,6 +273,7 @@ class SequenceParallelInputs:
     """A forward pre-hook that turns a GPT model's inputs for one SP shard into what its layers need.
 
     * position ids, when not given: the global positions of the shard's tokens (the layout);
+    * `sequence_length`, when not given: the full sequence's, N = shard length x P;
     * `segment_ids` given as this shard's `[b, N/P]` ids: all-gathered over the SP group
       (one collective per micro-batch, on the ids' device) into the `Documents` of the full
       sequences; a `Documents` (what the data path builds from the EOD index) passes as is;
@@ -251,6 +295,8 @@ class SequenceParallelInputs:
             self._checked.add(local)
         if bound.arguments.get("position_ids") is None:
             bound.arguments["position_ids"] = self.positions(local, tokens.device).expand(b, local)
+        if "sequence_length" in self.signature.parameters and bound.arguments.get("sequence_length") is None:
+            bound.arguments["sequence_length"] = local * self.ps.sp_size  # the full sequence (dynamic RoPE)
         seg = bound.arguments.get("segment_ids")
         if seg is not None and not isinstance(seg, Documents):
             bound.arguments["segment_ids"] = self.documents(seg)

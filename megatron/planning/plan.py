@@ -28,6 +28,24 @@ def run_topology(cfg: RunConfig) -> Topology:
                     seq_length=cfg.data.seq_length, overlap_chunks=p.ulysses_overlap_chunks)
 
 
+def planned_ranks(cfg: RunConfig) -> list[dict]:
+    """What every rank will be, from the topology alone: coordinates, the global ranks of its
+    groups, and the query / K/V heads its attention holds. `pretrain` logs the same facts read
+    back from the process groups and modules it built (event "topology"); tests compare them."""
+    topo = run_topology(cfg)
+    groups = {"sp": topo.sp_groups(), "dp": topo.dp_groups(), "ulysses": topo.ulysses_groups(),
+              "ring": topo.ring_groups()}
+    out = []
+    for r in range(cfg.world_size):
+        c = topo.coords(r)
+        mine = {name: next(g for g in gs if r in g) for name, gs in groups.items()}
+        heads = list(topo.heads_per_rank(c.ulysses_rank))
+        out.append({"rank": r, "dp_rank": c.dp_rank, "sp_rank": c.sp_rank, "ring_rank": c.ring_rank,
+                    "ulysses_rank": c.ulysses_rank, **{f"{k}_group": v for k, v in mine.items()},
+                    "heads": heads})
+    return out
+
+
 def describe_plan(cfg: RunConfig, gpus_per_node: int | None = None) -> str:
     world, sp = cfg.world_size, cfg.parallel.sequence_parallel_size
     dp, mbs, gbs = cfg.data_parallel_size, cfg.train.micro_batch_size, cfg.train.global_batch_size

@@ -145,7 +145,7 @@ def _ring_terms(g, terms: dict) -> dict:
     output is what its backward keeps (not a second copy), and its fp32 accumulators (ring.py):
     forward the fp32 output and the K/V block in flight; backward fp32 dQ, K/V and fp32 dK/dV blocks
     with the ones in flight, and one block's kernel copies."""
-    m, a, d = g.m, g.act, g.m.kv_channels
+    a, d = g.act, g.m.kv_channels
     kv = 2 * g.na * g.kvl * d
     block = g.n_head_out + 2 * g.na * g.hl * d
     qkv_out = a * g.t * g.qkv_width
@@ -154,7 +154,9 @@ def _ring_terms(g, terms: dict) -> dict:
         terms[k]["attention output kept by the ring (+ log-sum-exp)"] = a * g.n_head_out + sizes(g)["LSE"]
     terms["attention"].pop("attention output", None)
     terms["attention"]["QKV output (referenced through attention)"] = qkv_out
-    terms["attention"]["ring: fp32 output accumulator, K/V blocks in flight"] = 2 * 4 * g.n_head_out + 2 * a * kv
+    expand = 2 * a * g.na * g.hl * d if g.hl > g.kvl else 0  # a block's K/V repeated for GQA (CPU/fp32 path)
+    terms["attention"]["ring: fp32 output accumulator, K/V blocks in flight, GQA repeats"] = \
+        2 * 4 * g.n_head_out + 2 * a * kv + expand
     ring_bwd = 4 * g.n_head_out + 2 * a * kv + 2 * 4 * kv + a * (block + 2 * g.n_head_out) + 4 * block
     terms["attention backward"]["dQ, fp32 dK/dV, one chunk's kernel gradients and workspace"] = ring_bwd
     return terms
@@ -176,8 +178,9 @@ def first_forward(g) -> int:
     ring = 0
     if g.ring > 1:  # the generic path: the QKV output, send and receive buffers, the ring's fp32 output
         qkv_out, kv = g.act * g.t * g.qkv_width, 2 * g.na * g.kvl * g.m.kv_channels
+        expand = 2 * g.act * g.na * g.hl * g.m.kv_channels if g.hl > g.kvl else 0  # GQA repeats of a block
         ring = max(X + qkv_out + 2 * QKV,
-                   X + qkv_out + QKV + 2 * 4 * g.n_head_out + 2 * g.act * kv + g.act * g.n_head_out)
+                   X + qkv_out + QKV + 2 * 4 * g.n_head_out + 2 * g.act * kv + g.act * g.n_head_out + expand)
     return in_flight + max(
         ring,
         X + QKV + tile["pre_fwd"],

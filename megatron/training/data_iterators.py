@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 
 from megatron.config import RunConfig
-from megatron.data.gpt_dataset import train_valid_test_num_samples
+from megatron.data.gpt_dataset import DatasetTooSmallError, train_valid_test_num_samples
 from megatron.data.mock import MockGPTDataset
 from megatron.data.tokenizers import build_tokenizer
 
@@ -57,7 +57,8 @@ def _datasets(cfg: RunConfig, eod: int, num_samples: tuple):
 
     needs_eod = d.reset_position_ids or d.reset_attention_mask or d.eod_mask_loss
     return build_train_valid_test_datasets(list(d.data_path), d.split, d.seq_length, num_samples, cfg.train.seed,
-                                           cache_dir=d.data_cache_path, eod_token=eod if needs_eod else None)
+                                           cache_dir=d.data_cache_path, eod_token=eod if needs_eod else None,
+                                           vocab_size=cfg.model.vocab_size)
 
 
 class TrainStream:
@@ -73,7 +74,13 @@ class TrainStream:
         return self
 
     def __next__(self):
-        batch = next(self._batches)
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            raise DatasetTooSmallError(
+                f"the training data ran out after {self.consumed_samples} samples: the train split was built for "
+                "fewer samples than this run trains (was --train-iters/--train-samples raised on resume?); "
+                "check --train-iters/--train-samples and --split") from None
         self.consumed_samples += self._step
         return batch
 
@@ -104,7 +111,7 @@ class EvalBatches:
         start = window * self.samples_per_eval
         stop = start + self.samples_per_eval
         if stop > len(self.dataset):
-            raise ValueError(
+            raise DatasetTooSmallError(
                 f"evaluation at iteration {iteration} needs {self.dataset.name} samples [{start}, {stop}) but the "
                 f"split was built with {len(self.dataset)}; it is sized for --train-iters {t.train_iters} / "
                 f"--eval-interval {t.eval_interval}: raise --train-iters (or --train-samples)")
@@ -126,7 +133,11 @@ def build_data_iterators(cfg: RunConfig, parallel_state, consumed_samples: int):
                   data_parallel_size=ps.dp_size, seq_length=d.seq_length, sp_rank=ps.sp_rank, sp_size=ps.sp_size,
                   eod_token=eod, reset_position_ids=d.reset_position_ids,
                   reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss,
-                  ring_size=getattr(ps, "ring_size", 1))
+                  ring_size=getattr(ps, "ring_size", 1), vocab_size=cfg.model.vocab_size)
+    if train_ds is None and n_train > 0 and consumed_samples < n_train:
+        raise DatasetTooSmallError(
+            f"the train split of --data-path {' '.join(d.data_path)} is empty: --split {d.split} gives it no "
+            "documents; give training a positive share of --split (e.g. 949,50,1) or use more data")
     if train_ds is None or consumed_samples >= n_train:
         batches = iter(())
     else:

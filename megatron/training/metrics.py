@@ -99,7 +99,7 @@ class RunLogger:
         self.event("train", iteration=it, **stats, **({"timers": timers} if timers else {}))
         if it % self.cfg.tensorboard_log_interval == 0:
             self._tensorboard(it, stats, timers)
-        for k in ("lm_loss", "elapsed_ms", "tokens_per_sec", "tflops_per_rank", "grad_norm"):
+        for k in ("lm_loss", "elapsed_ms", "tokens_per_sec", "tflops_per_rank", "mfu", "grad_norm"):
             if stats.get(k) is not None and math.isfinite(stats[k]):
                 self._acc[k] = self._acc.get(k, 0.0) + stats[k]
         self._acc.setdefault("_timers", {})
@@ -127,6 +127,7 @@ class RunLogger:
             f"number of skipped iterations: {s['skipped_iters']:3d}",
             f"tokens per second: {avg.get('tokens_per_sec', 0.0):.1f}",
             f"TFLOP/s per rank: {avg.get('tflops_per_rank', 0.0):.4f}",
+            *([f"MFU: {100 * avg['mfu']:.1f}%"] if "mfu" in avg else []),
             f"peak memory (MB, max over ranks): {s['peak_memory_bytes'] / 2**20:.0f}",
         ]
         self.print(" | ".join(parts) + " |")
@@ -140,7 +141,7 @@ class RunLogger:
         for tag, key in (("learning-rate", "lr"), ("batch-size", "global_batch_size"), ("lm loss", "lm_loss"),
                          ("loss-scale", "loss_scale"), ("grad-norm", "grad_norm"),
                          ("skipped-iterations", "skipped_iters"), ("tokens-per-second", "tokens_per_sec"),
-                         ("tflops-per-rank", "tflops_per_rank"), ("iteration-time-ms", "elapsed_ms"),
+                         ("tflops-per-rank", "tflops_per_rank"), ("mfu", "mfu"), ("iteration-time-ms", "elapsed_ms"),
                          ("consumed-tokens", "consumed_tokens"),
                          ("peak-memory-bytes", "peak_memory_bytes")):
             v = s.get(key)

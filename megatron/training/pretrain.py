@@ -10,18 +10,19 @@ tiling, offload and ZeRO and materialises this rank's shards.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 
 import torch
 
+from megatron.checkpoint.manager import CheckpointManager
 from megatron.config import RunConfig
 from megatron.core import comm
+from megatron.errors import peer_lost_error
 from megatron.initialize import initialize_megatron, set_seed
 from megatron.parallel import parallelize_gpt
 from megatron.parallel.data_parallel import zero_formula_bytes
-from megatron.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron.parallel.parallelize import built_rank_facts
 from megatron.training.metrics import RunLogger
 from megatron.training.optimizer import build_optimizer
 from megatron.training.training import Trainer
@@ -53,9 +54,17 @@ def pretrain(cfg: RunConfig, model_provider: Callable | None = None,
     ctx = initialize_megatron(cfg)
     ps, device = ctx.parallel_state, ctx.device
     logger = RunLogger(cfg.log, cfg.train.train_iters, enabled=ps.rank == 0)
+    built = {}  # what _pretrain built so far (the trainer: how far training got when a peer is lost)
     try:
         return _pretrain(cfg, ps, device, logger, model_provider or default_model_provider,
-                         data_provider or default_data_provider, trainer_hook, start_time)
+                         data_provider or default_data_provider, trainer_hook, start_time, built)
+    except Exception as e:
+        # a collective failed because another rank is gone: say so, and how to resume
+        trainer = built.get("trainer")
+        lost = peer_lost_error(e, trainer.state.iteration if trainer is not None else None, cfg.checkpoint.save)
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         logger.close()
         from megatron.core.parallel_state import destroy_model_parallel  # noqa: PLC0415
@@ -63,13 +72,16 @@ def pretrain(cfg: RunConfig, model_provider: Callable | None = None,
         destroy_model_parallel()
 
 
-def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_hook, start_time) -> dict:
+def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_hook, start_time, built) -> dict:
     for note in cfg.notes:
-        logger.print(f"note: {note}")
+        logger.print(note if note.startswith("WARNING") else f"note: {note}")
     logger.print(f"> {ps.describe()} | zero stage {cfg.parallel.zero_stage} | micro batch "
                  f"{cfg.train.micro_batch_size} x {cfg.num_micro_batches} accumulation x dp {ps.dp_size} = global "
                  f"batch {cfg.train.global_batch_size} | {cfg.tokens_per_step} tokens per step | "
                  f"{cfg.optim.dtype_name} | threads {torch.get_num_threads()}")
+    # what to load, and whether --load / --save are safe, is settled before anything is built
+    checkpoints = CheckpointManager(cfg.checkpoint, run_config=cfg, parallel_state=ps, log=logger.print)
+    checkpoints.prepare()
     model = model_provider(cfg, ps)
     num_params = sum(p.numel() for p in model.parameters())
     # Same seed everywhere: every rank initialises (its shards of) identical replicas
@@ -84,39 +96,24 @@ def _pretrain(cfg, ps, device, logger, model_provider, data_provider, trainer_ho
                  zero_stage=cfg.parallel.zero_stage, num_params=num_params, optimizer=opt_name,
                  train_iters=cfg.train.train_iters, global_batch_size=cfg.train.global_batch_size,
                  seq_length=cfg.data.seq_length, dtype=cfg.optim.dtype_name)
+    # what was built, per rank (once, at start-up): the dry-run plan must predict exactly this
+    facts = built_rank_facts(model, ps)
+    logger.event("topology", ranks=comm.all_gather_object(facts) if cfg.world_size > 1 else [facts])
     trainer = Trainer(cfg=cfg, model=model, optimizer=optimizer, parallel_state=ps, device=device, logger=logger,
                       start_time=start_time)
-    ck = cfg.checkpoint
-    saved_at = []  # iterations already on disk under --save (none written twice)
-    first_run = ck.load and not os.path.exists(ck.load) and ck.save and \
-        os.path.abspath(ck.load) == os.path.abspath(ck.save)
-    if first_run:  # a resubmittable job (--save and --load the same directory) on its first run
-        logger.print(f"--load {ck.load}: does not exist yet (same as --save), starting from scratch")
-    elif ck.load:
-        loaded = load_checkpoint(ck.load, model, optimizer, trainer.scaler, load_optim=not ck.no_load_optim,
-                                 load_rng=not ck.no_load_rng, finetune=ck.finetune, log=logger.print)
-        if loaded.counters is not None:
-            st = trainer.state
-            st.iteration, st.consumed_samples = loaded.counters["iteration"], loaded.counters["consumed_samples"]
-            st.consumed_tokens = loaded.counters["consumed_tokens"] or st.consumed_samples * cfg.data.seq_length
-            # the schedule's clock: behind `iteration` by the fp16 steps skipped for overflow
-            st.applied_steps, st.skipped_iters = loaded.counters["applied_steps"], loaded.counters["skipped_iters"]
-            if ck.save and os.path.abspath(ck.save) == os.path.abspath(ck.load) and not ck.finetune:
-                saved_at.append(st.iteration)
+    if cfg.train.long_context_eval_interval:
+        from megatron.inference.hook import LongContextEvalHook  # noqa: PLC0415
+
+        trainer.long_context_eval = LongContextEvalHook(cfg, ps, device, logger)
+    built["trainer"] = trainer
+    checkpoints.attach(model, optimizer, trainer.scaler, trainer.state)
+    checkpoints.load()  # counters, data position, optimizer, scaler and RNG in place; no-op from scratch
     train_iter, valid_batches, test_batches = data_provider(cfg, ps, trainer.state.consumed_samples)
     if trainer_hook is not None:
         trainer_hook(trainer)
 
-    def save(t: Trainer) -> None:
-        if saved_at and saved_at[-1] == t.state.iteration:  # e.g. --exit-interval on a --save-interval step
-            return
-        counters = {"iteration": t.state.iteration, "consumed_samples": t.state.consumed_samples,
-                    "consumed_tokens": t.state.consumed_tokens, "applied_steps": t.state.applied_steps,
-                    "skipped_iters": t.state.skipped_iters}
-        save_checkpoint(ck.save, counters, t.model, t.optimizer, t.scaler, config=cfg,
-                        save_optim=not ck.no_save_optim, save_rng=not ck.no_save_rng, keep_last=ck.keep_last,
-                        log=logger.print)
-        saved_at.append(t.state.iteration)
+    def save(t: Trainer) -> None:  # the manager skips an iteration already on disk
+        checkpoints.save(t.state.iteration)
 
     state = trainer.train(train_iter, valid_batches, save_fn=save if cfg.checkpoint.save else None)
     summary = {"iteration": state.iteration, "losses": state.history, "skipped_iters": state.skipped_iters}

@@ -23,11 +23,11 @@ from megatron.config import RunConfig
 from megatron.core import comm
 from megatron.core.documents import Documents
 from megatron.parallel.data_parallel import grad_sync_context, grads_are_sharded, memory_breakdown
-from megatron.planning.flops import flops_per_step
+from megatron.planning.flops import device_peak_tflops, flops_per_step
 from megatron.training.loss import check_tokens, global_token_count, loss_for_backward, masked_loss_sum
 from megatron.training.lr_schedule import LRSchedule
 from megatron.training.metrics import RunLogger, peak_memory_bytes
-from megatron.training.optimizer import clip_gradients_, global_grad_norm
+from megatron.training.optimizer import clip_gradients_, global_grad_norm, zero_grad
 from megatron.training.precision import autocast_context, build_loss_scaler, local_grads, unscale_
 from megatron.training.timers import Timers
 
@@ -56,15 +56,20 @@ class Trainer:
     logger: RunLogger
     state: TrainState = field(default_factory=TrainState)
     start_time: float = field(default_factory=time.time)  # --exit-duration-in-mins counts from here
+    long_context_eval: object = None  # fn(trainer) every --long-context-eval-interval steps (inference/hook.py)
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.schedule = LRSchedule.from_config(self.cfg.optim)
         self.scaler = build_loss_scaler(self.cfg.optim)
-        self.timers = Timers(enabled=self.cfg.log.timing_log_level >= 1 or self.cfg.log.log_timers_to_tensorboard)
+        self.timers = Timers(enabled=self.cfg.log.timing_log_level >= 1 or self.cfg.log.log_timers_to_tensorboard,
+                             device=self.device)
         self.sharded_grads = grads_are_sharded(self.cfg.parallel.zero_stage, self.parallel_state.sdp_size)
         self.flops_per_step = flops_per_step(self.cfg.model, self.cfg.data.seq_length,
                                              self.cfg.train.global_batch_size)
+        # MFU against this GPU's peak (planning/flops.py's table); none on CPU, where no fair peak exists
+        self.peak_tflops = (device_peak_tflops(torch.cuda.get_device_name(self.device), self.cfg.optim.dtype_name)
+                            if self.device.type == "cuda" else None)
         self.grad_hook = None  # tests inject overflows through this: fn(iteration, grads)
 
     # ------------------------------------------------------------------ one step
@@ -91,8 +96,11 @@ class Trainer:
 
     def _forward(self, mb: dict) -> torch.Tensor:
         with autocast_context(self.cfg.optim, self.device.type):
+            # the data path's Documents (whole-sample boundaries) spare the model a collective and
+            # a host sync per micro-batch; shard ids are the fallback for other data providers
+            docs = mb.get("documents")
             return self.model(mb["tokens"], mb.get("position_ids"), labels=mb["labels"],
-                              segment_ids=mb.get("segment_ids"))
+                              segment_ids=docs if docs is not None else mb.get("segment_ids"))
 
     def train_step(self, micro_batches: list) -> dict:
         ps, cfg, timers = self.parallel_state, self.cfg, self.timers
@@ -129,7 +137,7 @@ class Trainer:
                 self.state.applied_steps += 1
             self.scaler.update(found_inf)
             self.memory = memory_breakdown(self.model, self.optimizer)  # grads still held: the peak at rest
-            self.optimizer.zero_grad(set_to_none=True)
+            zero_grad(self.optimizer)  # apex FusedAdam.zero_grad() takes no set_to_none
         if ps.sdp_size > 1:
             comm.all_reduce(loss_sum, group=ps.sdp_group, kind="all_reduce_loss")
         tokens = float(num_tokens.item())  # the step's one read of the loss (logging needs it anyway)
@@ -197,6 +205,8 @@ class Trainer:
                 "cpu_ms": 1000 * cpu_seconds,
                 "tokens_per_sec": tokens_per_step / elapsed,
                 "tflops_per_rank": self.flops_per_step / elapsed / cfg.world_size / 1e12,
+                "mfu": (self.flops_per_step / elapsed / cfg.world_size / 1e12 / self.peak_tflops
+                        if self.peak_tflops else None),
                 "a2a_seconds": a2a_now - a2a_before,
                 "peak_memory_bytes": self._max_over_ranks(peak_memory_bytes(self.device)),
             }
@@ -207,6 +217,8 @@ class Trainer:
                     (st.iteration % cfg.train.eval_interval == 0 or last):
                 self.logger.evaluation("valid", st.iteration, self.evaluate(valid_batches()),
                                        st.consumed_samples, st.consumed_tokens)
+            if self.long_context_eval is not None and st.iteration % cfg.train.long_context_eval_interval == 0:
+                self.long_context_eval(self)
             if save_fn is not None and cfg.checkpoint.save_interval and \
                     st.iteration % cfg.checkpoint.save_interval == 0 and not last:
                 save_fn(self)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from megatron.arguments import parse_args
+from megatron.checkpoint import TRACKER, CheckpointError, checkpoint_dir, load_checkpoint
 from megatron.config import ConfigError
 from megatron.model import GPTModel
-from megatron.training.checkpointing import TRACKER, CheckpointError, checkpoint_dir, load_checkpoint
 from tests.conversion.tiny import tiny_config
 from tools.checkpoint.convert_to_torch import save_dcp_checkpoint
 

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import time
 
-from megatron.training.checkpointing import PAUSE_ENV, TRACKER
+from megatron.checkpoint import PAUSE_ENV, TRACKER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --mock-data --vocab-size 250 "

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from megatron.checkpoint_conversion import ConversionError, from_hf, hf_family, to_hf
+from megatron.checkpoint.hf import ConversionError, from_hf, hf_family, to_hf
 from megatron.config import ModelConfig
 from megatron.model import GPTModel
 from tests.conversion.tiny import (
@@ -98,6 +98,7 @@ def test_from_hf_matches_transformers_and_pads_vocab(family):
     hf = random_hf_model(family, vocab=100)
     sd, config = from_hf(hf.state_dict(), hf.config.to_dict(), make_vocab_size_divisible_by=64)
     assert config.vocab_size == 128 and hf_family(config) == ("gpt2" if family == "gpt3" else "llama")
+    assert config.true_vocab_size == 100  # the padding never enters a softmax
     model = GPTModel(config).eval()
     model.load_state_dict(sd, strict=True)
     assert torch.count_nonzero(sd["embedding.word_embeddings.weight"][100:]) == 0
@@ -149,13 +150,14 @@ def test_unsupported_architectures_fail_clearly():
         from_hf(hf.state_dict(), hf.config.to_dict(), rotary_base=1e6)
     with pytest.raises(ConversionError, match="learned position embeddings are weights"):
         from_hf(hf.state_dict(), hf.config.to_dict(), max_position_embeddings=64)
-    with pytest.raises(ConversionError, match="gelu_new.*--accept-tanh-gelu"):
-        from_hf(hf.state_dict(), {**hf.config.to_dict(), "activation_function": "gelu_new"})
-    from_hf(hf.state_dict(), {**hf.config.to_dict(), "activation_function": "gelu_new"}, accept_tanh_gelu=True)
+    with pytest.raises(ConversionError, match="activation_function='relu'.*exact"):
+        from_hf(hf.state_dict(), {**hf.config.to_dict(), "activation_function": "relu"})
     llama = random_hf_model("llama")
-    scaled = {**llama.config.to_dict(), "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}
-    with pytest.raises(ConversionError, match="RoPE scaling 'yarn'.*--rotary-base"):
+    scaled = {**llama.config.to_dict(), "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+                                                              "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}
+    with pytest.raises(ConversionError, match="RoPE scaling 'longrope'.*--rotary-base"):
         from_hf(llama.state_dict(), scaled)
+    assert from_hf(llama.state_dict(), scaled, rotary_base=1e5)[1].rope_scaling_type is None
     partial = dict(llama.state_dict())
     del partial["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ConversionError, match="missing.*up_proj"):

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megatron.checkpoint_conversion import model_config_to_dict, to_hf
+from megatron.checkpoint import TRACKER, checkpoint_dir, load_checkpoint
+from megatron.checkpoint.hf import model_config_to_dict, to_hf
 from megatron.model import GPTModel
-from megatron.training.checkpointing import TRACKER, checkpoint_dir, load_checkpoint
 from tests.conversion.tiny import hf_logits, project_logits, random_tokens, tiny_config, tiny_model
 from tools.checkpoint import convert_from_hf, convert_to_hf, convert_to_torch
 
@@ -148,8 +148,13 @@ def test_config_is_found_in_any_stored_form(form, tmp_path):
 
 def test_printed_flags_rebuild_the_same_model():
     """The flags convert_from_hf prints must make pretrain_gpt.py build the converted architecture."""
-    for family in ("gpt3", "llama"):
-        config = tiny_config(family, kv_channels=8)
+    variants = [("gpt3", dict(kv_channels=8)), ("llama", dict(kv_channels=8)),
+                ("gpt3", dict(position_embedding_type="rope", rotary_percent=0.5)),  # GPT-NeoX family
+                ("gpt3", dict(activation="gelu_tanh")),
+                ("llama", dict(rope_scaling_type="yarn", rope_scaling_factor=4.0, original_max_position_embeddings=8,
+                               yarn_mscale=0.7, yarn_mscale_all_dim=1.0))]
+    for family, kw in variants:
+        config = tiny_config(family, **kw)
         got = run_config_for(config).model
         keep = ("init_method_std",)
         assert got.replace(**{k: getattr(config, k) for k in keep}) == config
@@ -165,7 +170,7 @@ def test_printed_flags_rebuild_the_same_model():
 ])
 def test_clear_errors(tool, argv, message, tmp_path, capsys):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    mixed = tiny_config("gpt3", position_embedding_type="rope")  # LayerNorm + RoPE: no HF class computes it
+    mixed = tiny_config("gpt3", activation="swiglu")  # LayerNorm + SwiGLU: no HF class computes it
     torch.save({"model": GPTModel(mixed).state_dict(), "config": model_config_to_dict(mixed)}, tmp_path / "mixed.pt")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))

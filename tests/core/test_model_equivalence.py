@@ -125,6 +125,8 @@ def test_sequence_parallel_model_equals_single_process(ranks, world, sp, family,
     ("sdpa", None, {"ulysses_overlap_chunks": 2}),
     ("sdpa", "full", {"loss_tile_tokens": 3, "mlp_tiles": 2, "ulysses_overlap_chunks": 2}),
     ("sdpa", "full", {"zero_stage": 3, "loss_tile_tokens": 5}),
+    ("sdpa", "full", {"recompute_num_layers": 2}),  # one recomputed chunk of both layers
+    ("sdpa", "full", {"recompute_method": "block", "recompute_num_layers": 1}),  # only the first layer
 ])
 def test_backends_recompute_tiling_overlap_keep_equivalence(ranks, backend, recompute, extra):
     for errs, worst, *_ in ranks(4, _equivalence, 2, "llama", True, backend, recompute, 2, extra):

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron.core.documents import Documents
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder
 from megatron.data.sharding import (
@@ -63,6 +64,13 @@ def test_sp_slices_concatenate_to_megatron_full_sample(tmp_path, kind, flags):
         i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
         allowed = (j <= i) & (seg[:, :, None] == seg[:, None, :])  # [b, s, s]
         assert torch.equal(allowed, ~ref_mask[:, 0])
+        # every rank's Documents (from the EOD index, no other rank's tokens) are the whole
+        # sample's documents: the same mask, with no gather and no host sync in the model
+        for x in parts:
+            docs = x["documents"]
+            assert docs.lengths == Documents.from_segment_ids(seg).lengths
+            ids = docs.segment_ids
+            assert torch.equal((j <= i) & (ids[:, :, None] == ids[:, None, :]), ~ref_mask[:, 0])
 
 
 def test_hand_checked_slice(tmp_path):
@@ -146,7 +154,7 @@ def test_iterator_yields_rank_batches(tmp_path):
     it = sp_batch_iterator(ds, consumed_samples=4, micro_batch_size=2, data_parallel_rank=1, data_parallel_size=2,
                            seq_length=48, sp_rank=1, sp_size=2, eod_token=EOD, reset_attention_mask=True)
     first = next(it)
-    assert set(first) == {"tokens", "labels", "loss_mask", "position_ids", "segment_ids"}
+    assert set(first) == {"tokens", "labels", "loss_mask", "position_ids", "segment_ids", "documents"}
     assert torch.equal(first["tokens"], torch.from_numpy(np.stack([ds[i]["text"][24:48] for i in (6, 7)])))
 
 

@@ -58,7 +58,7 @@ def test_hybrid_uneven_and_overlap_resolve():
 def test_model_families():
     g = cfg()
     assert (g.model.normalization, g.model.activation, g.model.position_embedding_type) == \
-        ("LayerNorm", "gelu", "learned_absolute")
+        ("LayerNorm", "gelu_tanh", "learned_absolute")  # upstream's default fused bias-GeLU is the tanh one
     ll = cfg("--normalization rmsnorm --swiglu --position-embedding-type rotary --untie-embeddings-and-output-weights "
              "--disable-bias-linear --group-query-attention --num-query-groups 2 --rotary-base 500000")
     m = ll.model
@@ -172,3 +172,32 @@ def test_deepspeed_config_conflicts(tmp_path):
     assert "cannot read the file" in error("--deepspeed_config /nonexistent.json")
     both = _ds(tmp_path, {"fp16": {"enabled": True}, "bf16": {"enabled": True}})
     assert "--fp16 and --bf16 are mutually exclusive" in error(f"--deepspeed_config {both}")
+
+
+def test_recompute_methods_and_chunks():
+    c = cfg("--checkpoint-activations --checkpoint-num-layers 2")
+    assert (c.parallel.recompute_granularity, c.parallel.recompute_method, c.parallel.recompute_num_layers) == \
+        ("full", "uniform", 2)
+    c = cfg("--recompute-granularity full --recompute-method block --recompute-num-layers 1")
+    assert (c.parallel.recompute_method, c.parallel.recompute_num_layers) == ("block", 1)
+    assert cfg("--recompute-granularity full --recompute-method block").parallel.recompute_num_layers == 2  # all
+    assert "apply to full recompute" in error("--checkpoint-num-layers 2")
+    assert "must be in [1, --num-layers 2]" in error("--checkpoint-activations --checkpoint-num-layers 3")
+    assert "name the same thing" in error("--checkpoint-activations --checkpoint-num-layers 2 --recompute-num-layers 1")
+
+
+def test_fpdt_flags_map_onto_tiling_and_say_so():
+    base = list(BASE)
+    base[base.index("--seq-length") + 1] = "256"
+    c = cfg("--ds-sequence-parallel-size 2 --ds-sequence-parallel-fpdt "
+            "--ds-sequence-parallel-fpdt-chunk-size 64 --ds-sequence-parallel-fpdt-offloading "
+            "--max-position-embeddings 256", world=2, base=base)
+    p = c.parallel
+    assert (p.mlp_tiles, p.loss_tile_tokens, p.ulysses_overlap_chunks, p.offload_activations) == (4, 32, 2, True)
+    assert any("--ds-sequence-parallel-fpdt (chunks of 64 tokens, 4 per sequence): mapped onto --tiled-mlp-tiles 4"
+               in n for n in c.notes)
+    # explicit tiling flags win over the mapping
+    c = cfg("--max-position-embeddings 256 --ds-sequence-parallel-fpdt "
+            "--ds-sequence-parallel-fpdt-chunk-size 64 --tiled-mlp-tiles 2", base=base)
+    assert c.parallel.mlp_tiles == 2 and c.parallel.loss_tile_tokens == 64
+    assert "needs --ds-sequence-parallel-fpdt" in error("--ds-sequence-parallel-fpdt-offloading")

@@ -45,9 +45,13 @@ def test_invalid_flags_fail_fast_with_the_message():
     ("ds_pretrain_gpt_1.3B_seq_parallel_32k.sh", {"NNODES": "1", "GPUS_PER_NODE": "8"},
      ["data parallel 2 x sequence parallel (Ulysses) 4", "ZeRO stage 1", "global 2 sequences of 32768",
       "tokens per step 65,536", "attention flash-attn | recompute full"]),
-    ("ds_pretrain_gpt_30B_seq_parallel_32k.sh", {"NNODES": "4", "GPUS_PER_NODE": "8", "GLOBAL_BATCH": "8"},
+    ("ds_pretrain_gpt_30B_seq_parallel_32k.sh", {"NNODES": "4", "GPUS_PER_NODE": "8", "SP": "4", "GLOBAL_BATCH": "8"},
      ["world size 32 (4 node(s) x 8 rank(s)) = data parallel 8 x sequence parallel (Ulysses) 4", "ZeRO stage 3",
       "64 layers, hidden 6144, 64 heads", "params 3.44 GiB"]),
+    # the defaults: one node, SP 8 (what fits 8x80GB), one sequence per data-parallel rank
+    ("ds_pretrain_gpt_30B_seq_parallel_32k.sh", {"NNODES": "1", "GPUS_PER_NODE": "8"},
+     ["world size 8 (1 node(s) x 8 rank(s)) = data parallel 1 x sequence parallel (Ulysses) 8",
+      "global 1 sequences of 32768"]),
 ])
 def test_launch_scripts_dry_run(script, env, needles):
     proc = _run(["bash", f"examples_seq_parallel/{script}"], env={"DRY_RUN": "1", **env})
@@ -60,9 +64,13 @@ def test_launch_scripts_dry_run(script, env, needles):
 
 def test_dry_run_reports_invalid_world():
     proc = _run(["bash", "examples_seq_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh"],
-                env={"DRY_RUN": "1", "NNODES": "2", "GPUS_PER_NODE": "8"})
+                env={"DRY_RUN": "1", "NNODES": "2", "GPUS_PER_NODE": "8", "GLOBAL_BATCH": "2"})
     assert proc.returncode == 2
     assert "--global-batch-size (2) must be divisible by --micro-batch-size (1) x data-parallel size (4" in proc.stderr
+    # without GLOBAL_BATCH the scripts default it from the world size: two nodes validate
+    proc = _run(["bash", "examples_seq_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh"],
+                env={"DRY_RUN": "1", "NNODES": "2", "GPUS_PER_NODE": "8"})
+    assert proc.returncode == 0 and "global 4 sequences of 32768" in proc.stdout, proc.stderr
 
 
 def test_slurm_script_dry_run():
@@ -71,6 +79,11 @@ def test_slurm_script_dry_run():
                      "GPUS_PER_NODE": "8", "GLOBAL_BATCH": "4"})
     assert proc.returncode == 0, proc.stderr
     assert "world size 16 (2 node(s) x 8 rank(s))" in proc.stdout
+    # the batch script's own defaults (its #SBATCH --nodes=2, no GLOBAL_BATCH) validate too
+    for script in ("ds_pretrain_gpt_1.3B_seq_parallel_32k.sh", "ds_pretrain_gpt_30B_seq_parallel_32k.sh"):
+        proc = _run(["bash", "examples_seq_parallel/slurm_pretrain_gpt.sbatch", script],
+                    env={"DRY_RUN": "1", "SLURM_NNODES": "2", "SLURM_SUBMIT_DIR": ROOT, "MASTER_ADDR": "node0"})
+        assert proc.returncode == 0, (script, proc.stderr)
 
 
 @pytest.mark.slow

@@ -57,7 +57,8 @@ def assert_same_curve(curve, ref, what):
 
 @pytest.fixture(scope="module")
 def curves(ranks, tmp_path_factory):
-    """Run every configuration once; returns {(family, layout): log path}."""
+    """Run every configuration once; returns {(family, layout): log path} (plus the argv and world
+    size of each under the key (family, layout, "argv"))."""
     tmp = tmp_path_factory.mktemp("parity")
     plan: dict[int, list] = {1: [], 2: [], 4: []}
     logs = {}
@@ -65,7 +66,9 @@ def curves(ranks, tmp_path_factory):
     def add(world, family, name, extra):
         log = str(tmp / f"{family}_{name}.jsonl")
         logs[(family, name)] = log
-        plan[world].append((COMMON + FAMILIES[family] + extra.split(), log))
+        argv = COMMON + FAMILIES[family] + extra.split()
+        logs[(family, name, "argv")] = (argv, world)
+        plan[world].append((argv, log))
 
     for family in FAMILIES:
         add(1, family, "sp1", "--ds-sequence-parallel-size 1 --zero-stage 0")
@@ -75,6 +78,8 @@ def curves(ranks, tmp_path_factory):
             add(4, family, f"dp2sp2_z{z}", f"--ds-sequence-parallel-size 2 --zero-stage {z}")
     add(2, "gpt3", "sp2_z3_again", "--ds-sequence-parallel-size 2 --zero-stage 3")
     add(4, "gpt3", "dp2sp2_z3_full", "--ds-sequence-parallel-size 2 --zero-stage 3 --checkpoint-activations")
+    add(4, "llama", "dp2sp2_z3_full_chunk2", "--ds-sequence-parallel-size 2 --zero-stage 3 --checkpoint-activations "
+                                             "--checkpoint-num-layers 2")
     add(4, "llama", "dp2sp2_z1_selective", "--ds-sequence-parallel-size 2 --zero-stage 1 "
                                            "--recompute-granularity selective")
     # beyond plain Ulysses: hybrid and pure ring (zigzag data sharding), K/V heads replicated
@@ -94,7 +99,7 @@ def test_same_loss_curve_for_every_layout_and_zero_stage(curves, family):
     ref = losses(curves[(family, "sp1")])
     assert len(ref) == ITERS and all(x == x for x in ref)
     assert ref[-1] < ref[0], "the loss should fall over a few steps at this learning rate"
-    layouts = [k for f, k in curves if f == family and k != "sp1"]
+    layouts = [k[1] for k in curves if len(k) == 2 and k[0] == family and k[1] != "sp1"]
     assert len(layouts) >= 7
     for name in layouts:
         assert_same_curve(losses(curves[(family, name)]), ref, f"{family} {name} vs sp1")
@@ -147,3 +152,20 @@ def test_log_reports_every_iteration(curves):
     assert [e["iteration"] for e in events if e["event"] == "valid"] == [0, 2, 4]
     assert any(e["event"] == "test" for e in events)
     assert os.path.getsize(curves[("gpt3", "dp2sp2_z0")]) > 0
+
+
+def test_dry_run_plan_is_what_the_run_builds(curves):
+    """For every topology above, the dry-run plan (from the flags alone, megatron.planning.plan)
+    equals what each rank built: coordinates, group members, and heads in its attention."""
+    from megatron.arguments import parse_args
+    from megatron.planning.plan import describe_plan, planned_ranks
+
+    configs = [k for k in curves if len(k) == 3]
+    assert len(configs) >= 15
+    for family, name, _ in configs:
+        argv, world = curves[(family, name, "argv")]
+        cfg = parse_args(argv, world_size=world, padded_vocab_size=256)
+        built = next(e for e in read_log(curves[(family, name)]) if e["event"] == "topology")["ranks"]
+        assert planned_ranks(cfg) == built, f"{family} {name}"
+        heads, kv = built[0]["heads"]
+        assert f"heads per rank in attention {heads} (K/V {kv})" in describe_plan(cfg), f"{family} {name}"

@@ -30,3 +30,19 @@ def test_plan_layout():
     rows = [ln.split() for ln in text.splitlines() if ln.strip()[:1].isdigit() and "[" in ln]
     # rank 5: node 1, local 1, dp_rank 2, sp_rank 1, SP group [4, 5], DP group [1, 3, 5, 7]
     assert rows[5][:5] == ["5", "1", "1", "2", "1"] and "[4, 5] / [1, 3, 5, 7]" in " ".join(rows[5])
+
+
+def test_plan_of_a_hybrid_with_few_heads():
+    """SP 8 = Ulysses 4 x ring 2 with 4 query / 2 K/V heads: one query head and one (replicated)
+    K/V head per rank over half the sequence (the plan once printed "0 (K/V 0)")."""
+    cfg = parse_args("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --group-query-attention "
+                     "--num-query-groups 2 --seq-length 64 --lr 1e-3 --train-iters 2 --mock-data --vocab-size 100 "
+                     "--ds-sequence-parallel-size 8 --ring-attention-size 2 --attention-dropout 0".split(),
+                     world_size=8, padded_vocab_size=128)
+    text = describe_plan(cfg)
+    assert "sequence parallel 8 = Ulysses 4 x ring 2" in text
+    assert "heads per rank in attention 1 (K/V 1) over 32 tokens" in text
+    from megatron.planning.plan import planned_ranks
+
+    r5 = planned_ranks(cfg)[5]
+    assert (r5["ring_rank"], r5["ulysses_rank"], r5["ulysses_group"], r5["ring_group"]) == (1, 1, [4, 5, 6, 7], [1, 5])

@@ -155,7 +155,8 @@ def scale_down(argv: list, *, num_layers: int = 2, hidden_size: int = 64, num_at
 
     Shape: layers, hidden size, heads (K/V heads keep their ratio to query heads, FFN width its ratio to the
     hidden size), sequence length and position embeddings. Batch: micro and global batch. Length: the run
-    stops after `train_iters` iterations (--train-samples/--train-tokens are dropped, schedules kept).
+    stops after `train_iters` iterations (--train-samples/--train-tokens are dropped; iteration-based warmup and
+    decay shrink in proportion, so a schedule keeps its shape).
     Parallelism: --ds-sequence-parallel-size `sp`.
     """
     old_hidden = int(get_flag(argv, "--hidden-size"))
@@ -178,5 +179,11 @@ def scale_down(argv: list, *, num_layers: int = 2, hidden_size: int = 64, num_at
     out = set_flag(out, "--ds-sequence-parallel-size", sp)
     out = set_flag(out, "--micro-batch-size", micro_batch_size)
     out = set_flag(out, "--global-batch-size", global_batch_size)
+    old_iters = get_flag(out, "--train-iters")
     out = set_flag(drop_flag(drop_flag(out, "--train-samples"), "--train-tokens"), "--train-iters", train_iters)
+    if old_iters is not None:  # iteration-based schedules shrink with the run (token/sample-based ones scale by
+        for flag in ("--lr-warmup-iters", "--lr-decay-iters"):  # themselves through the smaller batch)
+            value = get_flag(out, flag)
+            if value is not None:
+                out = set_flag(out, flag, int(value) * train_iters // int(old_iters))
     return out

@@ -162,11 +162,7 @@ def test_exit_on_missing_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------ parsed now, implemented by others later
 
-NOT_YET = {"--rotary-percent": ("rotary_percent", 1.0, "0.25"),
-           "--checkpoint-num-layers": ("checkpoint_num_layers", 1, "2"),
-           "--ds-sequence-parallel-fpdt": ("ds_sequence_parallel_fpdt", False, None),
-           "--ds-sequence-parallel-fpdt-chunk-size": ("ds_sequence_parallel_fpdt_chunk_size", 65536, "4096"),
-           "--ds-sequence-parallel-fpdt-offloading": ("ds_sequence_parallel_fpdt_offloading", False, None)}
+NOT_YET: dict = {}  # none left: --rotary-percent, FPDT and --checkpoint-num-layers are implemented
 
 
 @pytest.mark.parametrize("flag", sorted(NOT_YET))

@@ -27,9 +27,7 @@ from tests.upstream.scripts import (
 )
 
 NEEDS_TP_PP = {"ds_pretrain_gpt_125M", "pretrain_llama2_distributed"}
-NOT_YET = {"ds_pretrain_gpt_6.7B_fpdt_32k": ("--rotary-percent", "--ds-sequence-parallel-fpdt",
-                                             "--ds-sequence-parallel-fpdt-chunk-size",
-                                             "--ds-sequence-parallel-fpdt-offloading")}
+NOT_YET: dict = {}  # every upstream example runs (partial RoPE and FPDT are implemented)
 WORKS = [n for n in EXAMPLES if n not in NEEDS_TP_PP and n not in NOT_YET]
 assert set(EXAMPLES) == set(WORKS) | NEEDS_TP_PP | set(NOT_YET), EXAMPLES
 
@@ -84,20 +82,8 @@ def test_everything_but_tensor_and_pipeline_parallelism_is_accepted(name, dry_ru
     assert rc == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason="needs partial RoPE (--rotary-percent 0.25) and FPDT "
-                   "(--ds-sequence-parallel-fpdt, -chunk-size 65536, -offloading): model work not landed yet")
 def test_fpdt_script_dry_runs_unchanged(dry_run):
     argv, ds_config = _example("ds_pretrain_gpt_6.7B_fpdt_32k")
-    rc, _, err = dry_run(argv, ds_config=ds_config)
-    assert rc == 0, err
-
-
-def test_fpdt_script_fails_only_on_the_features_not_implemented_yet(dry_run):
-    argv, ds_config = _example("ds_pretrain_gpt_6.7B_fpdt_32k")
-    rc, _, err = dry_run(argv, ds_config=ds_config)
-    assert rc == 2 and "not implemented yet" in err and "--rotary-percent" in err
-    for flag in NOT_YET["ds_pretrain_gpt_6.7B_fpdt_32k"]:
-        argv = drop_flag(argv, flag)
     rc, out, err = dry_run(argv, ds_config=ds_config)
     assert rc == 0, err
     assert "precision fp16 | attention flash-attn | recompute full" in out  # --use-flash-attn-v2, checkpointing
@@ -154,8 +140,12 @@ def test_scale_down_keeps_every_other_flag(name):
     assert get_flag(small, "--train-samples") is None and get_flag(small, "--train-tokens") is None
     sized = {"--num-layers", "--hidden-size", "--num-attention-heads", "--num-key-value-heads", "--ffn-hidden-size",
              "--seq-length", "--max-position-embeddings", "--ds-sequence-parallel-size", "--micro-batch-size",
-             "--global-batch-size", "--train-iters", "--train-samples", "--train-tokens"}
+             "--global-batch-size", "--train-iters", "--train-samples", "--train-tokens", "--lr-warmup-iters",
+             "--lr-decay-iters"}
     assert _flags_and_values(small, sized) == _flags_and_values(argv, sized)
+    if get_flag(argv, "--lr-warmup-iters") is not None:  # iteration schedules shrink with the run, same shape
+        old = int(get_flag(argv, "--lr-warmup-iters")) / int(get_flag(argv, "--train-iters"))
+        assert int(get_flag(small, "--lr-warmup-iters")) == int(old * 3)
     if get_flag(argv, "--num-key-value-heads") is not None:  # llama2: 16 heads / 4 K/V heads -> 4 / 1
         assert get_flag(small, "--num-key-value-heads") == "1" and get_flag(small, "--ffn-hidden-size") == "172"
 

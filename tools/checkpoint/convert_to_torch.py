@@ -3,282 +3,36 @@
     python tools/checkpoint/convert_to_torch.py --load CKPT_DIR --output model.pt
 
 The output is `{"model": state_dict, "config": ModelConfig-as-dict, "iteration": N}`,
-the format every conversion tool reads and writes. The module also holds the
-checkpoint I/O the other tools share: reading a training checkpoint directory
-(`<save>/latest_checkpointed_iteration.txt` + `<save>/iter_XXXXXXX/`, written by
-torch.distributed.checkpoint from any number of ranks) without torch.distributed,
-and writing plain and DCP checkpoints.
+the format every conversion tool reads and writes. The reading and writing live in
+megatron/checkpoint/consolidated.py (inference and evaluation use them too); the names are
+re-exported here for the other tools and for existing imports.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import warnings
-from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run as a script: make `megatron` and `tools` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import torch
-
-from megatron.checkpoint_conversion import ConversionError, model_config_from_dict, model_config_to_dict
-from megatron.config import ModelConfig
-
-TRACKER = "latest_checkpointed_iteration.txt"  # same name as megatron.training.checkpointing
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# entries of a checkpoint that usually hold the configuration, in order of preference (any other
-# tensor-free entry is searched too)
-_CONFIG_KEYS = ("config", "model_config", "run_config", "args")
-# files next to a checkpoint that may hold the run config as JSON
-_CONFIG_FILES = ("config.json", "model_config.json", "run_config.json")
-# prefixes that wrappers add to parameter names (DDP, torch.compile)
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-@dataclass
-class ProjectCheckpoint:
-    """A project model read into memory: full (unsharded) tensors and the config that built them."""
-
-    state_dict: dict
-    config: ModelConfig
-    iteration: int | None = None
-    run_config: dict | None = None  # the stored run config when it had more than the model part
-    source: str = ""
-
-
-# ------------------------------------------------------------------------------ reading
-
-
-def resolve_checkpoint(path: str, iteration: int | None = None) -> tuple[str, str, int | None]:
-    """(kind, path, iteration) with kind "torch" (a plain file) or "dcp" (one DCP directory).
-
-    `path` may be a plain file, a `--save` root (the tracker file picks the iteration unless
-    `iteration` is given) or one `iter_XXXXXXX` directory.
-    """
-    if not os.path.exists(path):
-        raise ConversionError(f"checkpoint {path} does not exist: pass the --save directory of a run, one of its "
-                              f"iter_XXXXXXX directories, or a file written by convert_to_torch.py")
-    if os.path.isfile(path):
-        return "torch", path, None
-    if os.path.isfile(os.path.join(path, ".metadata")):
-        return "dcp", path, _iteration_of(path)
-    tracker = os.path.join(path, TRACKER)
-    if iteration is None and os.path.isfile(tracker):
-        with open(tracker) as f:
-            text = f.read().strip()
-        try:
-            iteration = int(text)
-        except ValueError as e:
-            raise ConversionError(f"{tracker} holds {text!r}, not an iteration number; write the iteration of "
-                                  f"the checkpoint to load there or pass --iteration") from e
-    if iteration is not None:
-        sub = os.path.join(path, f"iter_{iteration:07d}")
-        if os.path.isfile(os.path.join(sub, ".metadata")):
-            return "dcp", sub, iteration
-        found = sorted(d for d in os.listdir(path) if d.startswith("iter_"))
-        raise ConversionError(f"{sub} is not a DCP checkpoint (no .metadata file); checkpoints present: "
-                              f"{found or 'none'}. Pass --iteration with one of them")
-    raise ConversionError(f"{path} is not a checkpoint: it has neither {TRACKER} (a --save directory) nor "
-                          f".metadata (an iter_XXXXXXX directory). Point --load at the directory given to --save")
-
-
-def _iteration_of(dcp_dir: str) -> int | None:
-    name = os.path.basename(os.path.normpath(dcp_dir))
-    return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
-
-
-def read_dcp(path: str, roots: set | None = None) -> dict:
-    """The nested state dict of one DCP directory, restricted to the top-level keys in `roots`.
-
-    Uses only DCP's public API: shapes and dtypes come from the metadata, and `dcp.load`
-    with `no_dist=True` fills full tensors however many ranks wrote the shards, so the
-    optimizer state never has to be read just to get the weights.
-    """
-    import torch.distributed.checkpoint as dcp  # noqa: PLC0415 (slow import, only for DCP inputs)
-    from torch.distributed.checkpoint import FileSystemReader  # noqa: PLC0415
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: PLC0415
-
-    metadata = FileSystemReader(path).read_metadata()
-    lookup = metadata.planner_data or {}
-    state: dict = {}
-    for fqn, meta in metadata.state_dict_metadata.items():
-        keys = tuple(lookup.get(fqn, (fqn,)))
-        if roots is not None and keys[0] not in roots:
-            continue
-        if isinstance(meta, TensorStorageMetadata):
-            value = torch.empty(meta.size, dtype=meta.properties.dtype)
-        else:
-            value = None  # a pickled object; DCP replaces the placeholder
-        node = state
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    return state
-
-
-def _dcp_roots(path: str) -> dict:
-    """Top-level keys of a DCP checkpoint -> whether any tensor lives under them."""
-    from torch.distributed.checkpoint import FileSystemReader  # noqa: PLC0415
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: PLC0415
-
-    metadata = FileSystemReader(path).read_metadata()
-    lookup = metadata.planner_data or {}
-    roots: dict = {}
-    for fqn, meta in metadata.state_dict_metadata.items():
-        root = tuple(lookup.get(fqn, (fqn,)))[0]
-        roots[root] = roots.get(root, False) or isinstance(meta, TensorStorageMetadata)
-    return roots
-
-
-def find_model_config(obj) -> ModelConfig | None:
-    """The ModelConfig inside whatever a checkpoint stored: the object itself, a RunConfig,
-    `asdict(ModelConfig)`, `asdict(RunConfig)` (model under "model") or a JSON string of those."""
-    if isinstance(obj, ModelConfig):
-        return obj
-    if isinstance(getattr(obj, "model", None), ModelConfig):
-        return obj.model
-    if isinstance(obj, (str, bytes)):
-        try:
-            return find_model_config(json.loads(obj))
-        except ValueError:
-            return None
-    if isinstance(obj, dict):
-        if "num_layers" in obj and "hidden_size" in obj:
-            return model_config_from_dict(obj)
-        if isinstance(obj.get("model"), (dict, ModelConfig)):
-            return find_model_config(obj["model"])
-    return None
-
-
-def _as_plain(obj):
-    """A RunConfig or other dataclass as a JSON-friendly dict (tokenizer paths live in its "data" part)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, (str, bytes)):
-        try:
-            return json.loads(obj)
-        except ValueError:
-            return None
-    return obj if isinstance(obj, dict) else None
-
-
-def strip_wrapper_prefixes(state_dict: dict) -> dict:
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(_WRAPPER_PREFIXES):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def load_project_checkpoint(path: str, iteration: int | None = None) -> ProjectCheckpoint:
-    """Read a training checkpoint or a consolidated file on one process, without torch.distributed."""
-    kind, resolved, it = resolve_checkpoint(path, iteration)
-    if kind == "torch":
-        try:
-            blob = torch.load(resolved, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 (torch raises several types for "not a torch file")
-            raise ConversionError(f"{resolved} is not a checkpoint torch.load can read safely ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}); expected a file written by "
-                                  f"convert_to_torch.py or convert_from_hf.py") from e
-        if not isinstance(blob, dict) or not isinstance(blob.get("model"), dict):
-            raise ConversionError(f"{resolved} is not a project checkpoint: expected a dict with a 'model' state "
-                                  f"dict and a 'config' dict, got {type(blob).__name__}"
-                                  f"{' with keys ' + str(sorted(blob)) if isinstance(blob, dict) else ''}")
-        candidates, it = [blob.get(k) for k in _CONFIG_KEYS], blob.get("iteration")
-    else:
-        roots = _dcp_roots(resolved)
-        if "model" not in roots:
-            raise ConversionError(f"{resolved} is a DCP checkpoint without a 'model' entry (top-level keys "
-                                  f"{sorted(roots)}); it was not written by this project's training")
-        # the weights plus every tensor-free entry (counters, configs: small); never the optimizer state
-        blob = read_dcp(resolved, {"model", *(r for r, has_tensors in roots.items() if not has_tensors)})
-        candidates = [blob.get(k) for k in _CONFIG_KEYS]
-        candidates += [v for k, v in blob.items() if k not in (*_CONFIG_KEYS, "model")]
-        candidates += [_read_json(os.path.join(d, f)) for d in (resolved, os.path.dirname(os.path.normpath(resolved)))
-                       for f in _CONFIG_FILES]
-        it = blob.get("iteration", it)
-    config = next((c for c in map(find_model_config, candidates) if c is not None), None)
-    if config is None:
-        if kind == "dcp":
-            fix = (f"write the ModelConfig fields the run was trained with as JSON to "
-                   f"{os.path.join(resolved, 'config.json')} (the tools read it from there)")
-        else:
-            fix = "add them to the file as a 'config' dict of ModelConfig fields"
-        raise ConversionError(f"{resolved} holds no model config: none of its entries (nor a config.json next to a "
-                              f"DCP directory) has the ModelConfig fields; {fix}")
-    run_config = next((r for r in map(_as_plain, candidates) if isinstance(r, dict) and "model" in r), None)
-    sd = strip_wrapper_prefixes({k: v for k, v in blob["model"].items() if torch.is_tensor(v)})
-    return ProjectCheckpoint(sd, config, None if it is None else int(it), run_config, resolved)
-
-
-def _read_json(path: str):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def check_against_model(state_dict: dict, config: ModelConfig) -> None:
-    """Fail now, with names, if the tensors are not exactly what `GPTModel(config)` holds."""
-    from megatron.checkpoint_conversion.common import check_keys, check_shape  # noqa: PLC0415
-    from megatron.model import GPTModel  # noqa: PLC0415
-
-    with torch.device("meta"):  # shapes only
-        model = GPTModel(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_keys(state_dict, set(expected), "the checkpoint's model state dict",
-               "The stored config and weights disagree; was the checkpoint edited by hand?")
-    for k, shape in expected.items():
-        check_shape(k, state_dict[k], tuple(shape))
-
-
-# ------------------------------------------------------------------------------ writing
-
-
-def save_torch_checkpoint(path: str, state_dict: dict, config: ModelConfig, iteration: int = 0, **extra) -> None:
-    """One plain file: `{"model", "config", "iteration", ...extra}`, readable with `weights_only=True`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    blob = {"model": state_dict, "config": model_config_to_dict(config), "iteration": iteration, **extra}
-    torch.save(blob, path)
-
-
-def save_dcp_checkpoint(root: str, state_dict: dict, config: ModelConfig, iteration: int = 0) -> str:
-    """A `--save`-style directory (`iter_XXXXXXX/` + tracker) that `--load` reads, written by one process.
-
-    It holds the model and the counters only (no optimizer state): load it with
-    `--finetune` or `--no-load-optim`.
-    """
-    import torch.distributed.checkpoint as dcp  # noqa: PLC0415
-
-    path = os.path.join(root, f"iter_{iteration:07d}")
-    if os.path.exists(path) and os.listdir(path):
-        raise ConversionError(f"{path} already exists and is not empty; choose another --dcp directory or "
-                              f"remove it first")
-    os.makedirs(path, exist_ok=True)
-    state = {"model": state_dict, "iteration": iteration, "consumed_samples": 0,
-             "config": model_config_to_dict(config)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-        dcp.save(state, checkpoint_id=path, no_dist=True)
-    with open(os.path.join(root, TRACKER), "w") as f:
-        f.write(str(iteration))
-    return path
-
-
-def cast_state_dict(state_dict: dict, dtype_name: str | None) -> dict:
-    if dtype_name in (None, "keep"):
-        return state_dict
-    dtype = DTYPES[dtype_name]
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-
+from megatron.checkpoint.consolidated import (  # noqa: E402, F401 (re-exported for the tools)
+    DTYPES,
+    ProjectCheckpoint,
+    cast_state_dict,
+    check_against_model,
+    find_model_config,
+    load_project_checkpoint,
+    read_dcp,
+    resolve_checkpoint,
+    save_dcp_checkpoint,
+    save_torch_checkpoint,
+    strip_wrapper_prefixes,
+)
+from megatron.checkpoint.format import CheckpointError  # noqa: E402
+from megatron.checkpoint.hf import ConversionError, model_config_from_dict  # noqa: E402, F401 (re-exported)
 
 # ------------------------------------------------------------------------------ command line
 
@@ -302,7 +56,7 @@ def main(argv=None) -> int:
         extra = {"run_config": ckpt.run_config} if ckpt.run_config is not None else {}
         save_torch_checkpoint(args.output, cast_state_dict(ckpt.state_dict, args.dtype), ckpt.config,
                               iteration=ckpt.iteration or 0, **_json_safe(extra))
-    except ConversionError as e:
+    except CheckpointError as e:  # ConversionError is one
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in ckpt.state_dict.values())

@@ -60,7 +60,7 @@ def _select_heads(t: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
     return t.index_select(2, torch.tensor(heads, device=t.device))
 
 
-def _pack(tensors: list[torch.Tensor], runs: list[tuple], seq_dim: int) -> tuple[torch.Tensor, list[int] | None]:
+def _pack(tensors: list[torch.Tensor], runs: list[tuple]) -> tuple[torch.Tensor, list[int] | None]:
     """Flat send buffer: for each destination rank u, the heads `runs[i][u]` of every tensor i.
 
     Returns (buffer, per-destination element counts, None when equal). Inputs `[s/p, b, h_i, d]`
@@ -175,7 +175,7 @@ class DistributedAttention(nn.Module):
         thunks = []
         for group in groups:
             tensors, runs = [t for t, _ in group], [r for _, r in group]
-            send, in_splits = _pack(tensors, runs, seq_dim)
+            send, in_splits = _pack(tensors, runs)
             widths = [len(r[me]) for r in runs]
             out_splits = None if in_splits is None else [_block(tensors[0], sum(widths))] * p
             recv = exchange(send, in_splits, out_splits, self.spg, async_op=async_op)
@@ -185,8 +185,9 @@ class DistributedAttention(nn.Module):
         return [t.part(0) for t in thunks]
 
     def _gather(self, out: torch.Tensor, plan: HeadPlan, async_op: bool):
-        """Send each rank's tokens of my heads back: `[s, b, h_me, d]` -> per source rank u its
-        heads `[s/p, b, h_u, d]` (a thunk returning the list, or the stacked regular form)."""
+        """Send each rank's tokens of my heads back: `[s, b, h_me, d]` out, from every source rank u
+        its heads of my tokens in. Returns (flat received buffer, my shard's shape, heads per
+        source); `_combine` lays them out as `[s/p, b, H, d]`."""
         p, seq_dim = plan.size, self.gather_idx
         # [s, b, h_me, d] -> p x [s/p, b, h_me, d]; destination j gets the tokens of rank j
         chunks = out.chunk(p, dim=seq_dim)

@@ -286,7 +286,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *, 
             raise ValueError(f"segment_ids must cover the whole sequence, [b, N] = [{q.shape[0]}, "
                              f"{size * q.shape[2]}], got {docs}")
         docs = docs.to(q.device)
-        seg = docs.permuted(("ring", size), ring_permutation(docs.seq_len, size))
+        seg = docs.permuted(("ring", size), ring_permutation(docs.seq_len, size, device="cpu"))  # host index
     return _RingAttentionFn.apply(q, k, v, group, causal, scale, seg)
 
 

@@ -11,13 +11,16 @@ import dataclasses
 
 import torch
 
+from megatron.checkpoint.format import CheckpointError
 from megatron.config import ConfigError, ModelConfig
 
-SUPPORTED_HF_MODEL_TYPES = ("gpt2", "llama")
+SUPPORTED_HF_MODEL_TYPES = ("gpt2", "llama", "gpt_neox")
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 
 
-class ConversionError(ValueError):
-    """A checkpoint or config that cannot be converted; the message names the mismatch and the fix."""
+class ConversionError(CheckpointError, ValueError):
+    """A checkpoint or config that cannot be converted; the message names the mismatch and the fix.
+    A CheckpointError (so a UserError), and a ValueError as it always was."""
 
 
 def model_config_to_dict(config: ModelConfig) -> dict:
@@ -54,40 +57,54 @@ def _family_requirements(family: str, c: ModelConfig) -> list[str]:
         if getattr(c, field) != want:
             problems.append(f"{field}={getattr(c, field)!r} (must be {want!r})")
 
+    def need_one_of(field: str, allowed: tuple) -> None:
+        if getattr(c, field) not in allowed:
+            problems.append(f"{field}={getattr(c, field)!r} (must be one of {list(allowed)})")
+
+    def multi_head_attention(cls: str) -> None:
+        if c.num_query_groups != c.num_attention_heads:
+            problems.append(f"num_query_groups={c.num_query_groups} ({cls} has no grouped-query attention: it must "
+                            f"equal num_attention_heads={c.num_attention_heads}; export a GQA model in the Llama "
+                            f"family instead)")
+        if c.kv_channels * c.num_attention_heads != c.hidden_size:
+            problems.append(f"kv_channels={c.kv_channels} ({cls} needs hidden_size / num_attention_heads = "
+                            f"{c.hidden_size // c.num_attention_heads})")
+
     if family == "gpt2":
         need("normalization", "LayerNorm")
-        need("activation", "gelu")
+        need_one_of("activation", ("gelu", "gelu_tanh"))
         need("position_embedding_type", "learned_absolute")
         need("add_bias_linear", True)
-        if c.num_query_groups != c.num_attention_heads:
-            problems.append(f"num_query_groups={c.num_query_groups} (GPT2LMHeadModel has no grouped-query "
-                            f"attention: it must equal num_attention_heads={c.num_attention_heads}; export a "
-                            f"GQA model in the Llama family instead)")
-        if c.kv_channels * c.num_attention_heads != c.hidden_size:
-            problems.append(f"kv_channels={c.kv_channels} (GPT2 needs hidden_size / num_attention_heads = "
-                            f"{c.hidden_size // c.num_attention_heads})")
+        multi_head_attention("GPT2LMHeadModel")
+    elif family == "gpt_neox":
+        need("normalization", "LayerNorm")
+        need_one_of("activation", ("gelu", "gelu_tanh"))
+        need("position_embedding_type", "rope")
+        need("add_bias_linear", True)
+        multi_head_attention("GPTNeoXForCausalLM")
     else:
         need("normalization", "RMSNorm")
         need("activation", "swiglu")
         need("position_embedding_type", "rope")
+        if c.rotary_percent != 1.0:
+            problems.append(f"rotary_percent={c.rotary_percent} (transformers' LlamaForCausalLM rotates whole heads)")
     return problems
 
 
 def hf_family(config: ModelConfig) -> str:
-    """`"gpt2"` or `"llama"`: the Hugging Face architecture that computes exactly what `config` does."""
+    """`"gpt2"`, `"llama"` or `"gpt_neox"`: the Hugging Face architecture that computes exactly what `config` does."""
     reasons = {}
-    for family in ("gpt2", "llama"):
+    for family in ("gpt2", "llama", "gpt_neox"):
         problems = _family_requirements(family, config)
         if not problems:
             return family
         reasons[family] = problems
-    detail = "; ".join(f"{'GPT2LMHeadModel' if f == 'gpt2' else 'LlamaForCausalLM'} needs "
-                       f"{', '.join(p)}" for f, p in reasons.items())
+    detail = "; ".join(f"{HF_CLASSES[f]} needs {', '.join(p)}" for f, p in reasons.items())
     raise ConversionError(
         "unsupported architecture for Hugging Face export: the model is neither GPT-3 style "
-        "(LayerNorm, gelu, learned_absolute positions, biases) nor Llama style (RMSNorm, swiglu, rope). "
-        f"{detail}. Train with the ModelConfig.gpt3() or ModelConfig.llama() settings, or export with "
-        "convert_to_torch.py instead")
+        "(LayerNorm, gelu, learned_absolute positions, biases), GPT-NeoX style (the same with rope) nor Llama "
+        f"style (RMSNorm, swiglu, full rope). {detail}. Train with the ModelConfig.gpt3() or ModelConfig.llama() "
+        "settings, or export with convert_to_torch.py instead")
 
 
 def pad_vocab_rows(weight: torch.Tensor, multiple: int | None) -> torch.Tensor:
@@ -106,6 +123,12 @@ def pad_vocab_rows(weight: torch.Tensor, multiple: int | None) -> torch.Tensor:
         return weight
     extra = weight.new_zeros((padded - v, *weight.shape[1:]))
     return torch.cat([weight, extra], dim=0)  # [v, h] -> [padded, h]
+
+
+def true_vocab_rows(weight: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """The rows of real tokens of an embedding or output layer `[V padded, h]`: export drops the padding
+    (`--make-vocab-size-divisible-by`), which no tokenizer produces and no softmax ever sees."""
+    return weight[:config.output_vocab_size]  # [V padded, h] -> [V, h]
 
 
 def check_keys(state_dict: dict, expected: set, what: str, fix: str) -> None:

@@ -2,19 +2,22 @@
 
 No file I/O lives here: the tools in `tools/checkpoint/` read and write checkpoints and
 call these functions, and the tests call them directly. GPT-3 style models map to
-`GPT2LMHeadModel`, Llama style models to `LlamaForCausalLM`.
+`GPT2LMHeadModel`, GPT-3 style models with RoPE (full or partial) to `GPTNeoXForCausalLM`,
+Llama style models to `LlamaForCausalLM`. RoPE scaling (linear, dynamic, yarn, llama3) is
+read and written as transformers' `rope_parameters` / `rope_scaling` (rope.py).
 
-Vocab: the project pads the vocab (`--make-vocab-size-divisible-by`); export keeps the
-padded size in config.json (the extra rows are never produced by the tokenizer), and
-import pads to a multiple when asked.
+Vocab: the project pads the vocab (`--make-vocab-size-divisible-by`) and records the true
+size (`ModelConfig.true_vocab_size`); export drops the padding rows (they are never produced
+by the tokenizer and never take part in a softmax), import pads to a multiple when asked.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron.checkpoint_conversion import gpt2, llama
-from megatron.checkpoint_conversion.common import (
+from megatron.checkpoint.hf import gpt2, gpt_neox, llama
+from megatron.checkpoint.hf.common import (
+    HF_CLASSES,
     SUPPORTED_HF_MODEL_TYPES,
     ConversionError,
     hf_family,
@@ -24,7 +27,7 @@ from megatron.checkpoint_conversion.common import (
 )
 from megatron.config import ModelConfig
 
-_FAMILIES = {"gpt2": gpt2, "llama": llama}
+_FAMILIES = {"gpt2": gpt2, "llama": llama, "gpt_neox": gpt_neox}
 
 
 def to_hf(state_dict: dict, config: ModelConfig, dtype: torch.dtype | None = None) -> tuple[dict, dict]:
@@ -39,21 +42,22 @@ def to_hf(state_dict: dict, config: ModelConfig, dtype: torch.dtype | None = Non
 
 
 def hf_model_type(hf_config: dict) -> str:
-    """`"gpt2"` or `"llama"` from config.json, or a ConversionError naming what is supported."""
+    """`"gpt2"`, `"llama"` or `"gpt_neox"` from config.json, or a ConversionError naming what is supported."""
     kind = hf_config.get("model_type")
     if kind is None:
         archs = hf_config.get("architectures") or []
-        kind = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}.get(archs[0] if archs else None)
+        kind = {v: k for k, v in HF_CLASSES.items()}.get(archs[0] if archs else None)
     if kind not in SUPPORTED_HF_MODEL_TYPES:
         raise ConversionError(f"unsupported architecture: Hugging Face model_type={kind!r} "
                               f"(architectures={hf_config.get('architectures')}); supported model types are "
-                              f"{list(SUPPORTED_HF_MODEL_TYPES)} (GPT2LMHeadModel, LlamaForCausalLM)")
+                              f"{list(SUPPORTED_HF_MODEL_TYPES)} ({', '.join(HF_CLASSES.values())})")
     return kind
 
 
 def config_from_hf(hf_config: dict, rotary_base: float | None = None, accept_tanh_gelu: bool = False,
                    **overrides) -> ModelConfig:
-    """The `ModelConfig` of an HF config.json (vocab not padded); `overrides` replace fields afterwards."""
+    """The `ModelConfig` of an HF config.json (vocab not padded); `overrides` replace fields afterwards.
+    (`accept_tanh_gelu` is accepted for old callers: tanh GeLU converts exactly now.)"""
     kind = hf_model_type(hf_config)
     if kind == "gpt2":
         if rotary_base is not None:
@@ -64,7 +68,9 @@ def config_from_hf(hf_config: dict, rotary_base: float | None = None, accept_tan
             raise ConversionError(f"--max-position-embeddings {overrides['max_position_embeddings']} cannot apply to "
                                   f"this GPT-2 model: its {n_pos} learned position embeddings are weights, not a "
                                   f"formula. Drop --max-position-embeddings")
-        return gpt2.config_from_hf(hf_config, accept_tanh_gelu=accept_tanh_gelu, **overrides)
+        return gpt2.config_from_hf(hf_config, **overrides)
+    if kind == "gpt_neox":
+        return gpt_neox.config_from_hf(hf_config, rotary_base=rotary_base, **overrides)
     return llama.config_from_hf(hf_config, rotary_base=rotary_base, **overrides)
 
 
@@ -74,14 +80,17 @@ def from_hf(hf_state_dict: dict, hf_config: dict, *, rotary_base: float | None =
     """(`GPTModel` state dict, `ModelConfig`) for an HF model.
 
     `rotary_base` sets a new RoPE base (long-context continued pretraining);
-    `make_vocab_size_divisible_by` pads the vocab rows with zeros up to a multiple;
+    `make_vocab_size_divisible_by` pads the vocab rows with zeros up to a multiple (the config
+    then records the true size, so the padding never enters a softmax);
     `overrides` are `ModelConfig` fields such as `max_position_embeddings` or `hidden_dropout`.
     """
     config = config_from_hf(hf_config, rotary_base=rotary_base, accept_tanh_gelu=accept_tanh_gelu, **overrides)
     family = _FAMILIES[hf_model_type(hf_config)]
     sd = family.state_dict_from_hf(hf_state_dict, config, make_vocab_size_divisible_by, dtype)
     padded = sd["embedding.word_embeddings.weight"].shape[0]
-    return sd, config.replace(vocab_size=padded)
+    if padded == config.vocab_size:
+        return sd, config
+    return sd, config.replace(vocab_size=padded, true_vocab_size=config.vocab_size)
 
 
 __all__ = [
@@ -90,6 +99,7 @@ __all__ = [
     "config_from_hf",
     "from_hf",
     "gpt2",
+    "gpt_neox",
     "hf_family",
     "hf_model_type",
     "llama",

@@ -3,23 +3,28 @@
 GPT-2 stores its linear layers as `Conv1D`, whose weight is `[in, out]`, the transpose
 of `nn.Linear`. Its fused `c_attn` output is `[q | k | v]` with each head's dims
 contiguous, the same order as the project's fused qkv, so only transposes are needed.
-The project uses exact GeLU (`F.gelu`), hence `activation_function="gelu"`, not
-GPT-2's tanh approximation `gelu_new`, which would shift logits by ~1e-3.
+GeLU converts exactly either way: OpenAI's tanh approximation (`gelu_new`, also
+`gelu_pytorch_tanh` / `gelu_fast`) is the project's `gelu_tanh`, exact `gelu` is `gelu`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron.checkpoint_conversion.common import (
+from megatron.checkpoint.hf.common import (
     ConversionError,
     cast,
     check_keys,
     check_shape,
     hf_family,
     pad_vocab_rows,
+    true_vocab_rows,
 )
 from megatron.config import ModelConfig
+
+# transformers' names of the tanh approximation of GeLU (the same function; gelu_new is OpenAI's)
+TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 
 # buffers that older GPT-2 checkpoints saved next to the weights (the causal mask)
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -48,7 +53,7 @@ _TOP_MAP = (
 
 
 def to_hf_config(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
-    """config.json of the equivalent `GPT2LMHeadModel` (vocab_size stays the padded one)."""
+    """config.json of the equivalent `GPT2LMHeadModel` (the true vocab: padding rows are dropped)."""
     if hf_family(config) != "gpt2":
         raise ConversionError("GPT2LMHeadModel export needs a GPT-3 style model (LayerNorm, gelu, learned "
                               "positions, biases); use the Llama converter for this config")
@@ -56,13 +61,13 @@ def to_hf_config(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
     out = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "vocab_size": c.vocab_size,
+        "vocab_size": c.output_vocab_size,
         "n_positions": c.max_position_embeddings,
         "n_embd": c.hidden_size,
         "n_layer": c.num_layers,
         "n_head": c.num_attention_heads,
         "n_inner": c.ffn_hidden_size,
-        "activation_function": "gelu",
+        "activation_function": HF_ACTIVATION[c.activation],
         "layer_norm_epsilon": c.norm_epsilon,
         "resid_pdrop": c.hidden_dropout,
         "embd_pdrop": c.hidden_dropout,
@@ -99,6 +104,8 @@ def to_hf_state_dict(state_dict: dict, config: ModelConfig, dtype: torch.dtype |
     out = {}
     for p, h, transposed in names:
         t = state_dict[p]
+        if p in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            t = true_vocab_rows(t, config)  # [V padded, h] -> [V, h]
         out[h] = cast(t.t() if transposed else t, dtype)  # Linear [out, in] -> Conv1D [in, out]
     return out
 
@@ -106,17 +113,13 @@ def to_hf_state_dict(state_dict: dict, config: ModelConfig, dtype: torch.dtype |
 def config_from_hf(hf: dict, accept_tanh_gelu: bool = False, **overrides) -> ModelConfig:
     """The `ModelConfig` of an HF GPT-2 config.json; `overrides` replace any field afterwards.
 
-    OpenAI's GPT-2 uses the tanh GeLU (`gelu_new`); the project computes exact GeLU, which
-    changes logits by about 1e-3. That is harmless before continued pretraining but not an
-    exact conversion, so it needs `accept_tanh_gelu=True`.
+    OpenAI's GPT-2 uses the tanh GeLU (`gelu_new`), which the project computes as `gelu_tanh`:
+    the conversion is exact. (`accept_tanh_gelu` is accepted for old callers and changes nothing.)
     """
     act = hf.get("activation_function", "gelu_new")
-    tanh = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-    if act != "gelu" and not (accept_tanh_gelu and act in tanh):
-        hint = (" Pass --accept-tanh-gelu to convert anyway (logits move by ~1e-3; fine before further "
-                "training)." if act in tanh else "")
-        raise ConversionError(f"activation_function={act!r} is not supported: the project model computes "
-                              f"exact GeLU ('gelu').{hint}")
+    if act != "gelu" and act not in TANH_GELU_NAMES:
+        raise ConversionError(f"activation_function={act!r} is not supported: the project computes GeLU, exact "
+                              f"('gelu') or its tanh approximation ({', '.join(TANH_GELU_NAMES)})")
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         if hf.get(flag):
             raise ConversionError(f"GPT-2 configs with {flag}=true are not supported: the project model has no "
@@ -137,6 +140,7 @@ def config_from_hf(hf: dict, accept_tanh_gelu: bool = False, **overrides) -> Mod
         attention_dropout=hf.get("attn_pdrop", 0.1),
         init_method_std=hf.get("initializer_range", 0.02),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", True),
+        activation="gelu" if act == "gelu" else "gelu_tanh",
     )
     fields.update(overrides)
     return ModelConfig.gpt3(**fields)

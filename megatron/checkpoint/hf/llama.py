@@ -8,17 +8,22 @@ so the q/k rows need no permutation (the logits test would catch one).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from megatron.checkpoint_conversion.common import (
+from megatron.checkpoint.hf.common import (
     ConversionError,
     cast,
     check_keys,
     check_shape,
     hf_family,
     pad_vocab_rows,
+    true_vocab_rows,
+)
+from megatron.checkpoint.hf.rope import (
+    hf_max_position_embeddings,
+    hf_rope_entries,
+    rope_base_from_hf,
+    rope_fields_from_hf,
 )
 from megatron.config import ModelConfig
 
@@ -27,10 +32,10 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def to_hf_config(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
-    """config.json of the equivalent `LlamaForCausalLM` (vocab_size stays the padded one).
+    """config.json of the equivalent `LlamaForCausalLM` (the true vocab: padding rows are dropped).
 
-    The RoPE base is written both as the legacy top-level `rope_theta` (read by older
-    transformers and by serving stacks) and inside `rope_parameters` (transformers >= 5).
+    RoPE (base and scaling) is written inside `rope_parameters` (transformers >= 5) and as the
+    legacy top-level `rope_theta` / `rope_scaling` (older transformers, serving stacks).
     """
     if hf_family(config) != "llama":
         raise ConversionError("LlamaForCausalLM export needs a Llama style model (RMSNorm, swiglu, rope); "
@@ -39,7 +44,7 @@ def to_hf_config(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
     out = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": c.vocab_size,
+        "vocab_size": c.output_vocab_size,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.ffn_hidden_size,
         "num_hidden_layers": c.num_layers,
@@ -47,10 +52,9 @@ def to_hf_config(config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
         "num_key_value_heads": c.num_query_groups,
         "head_dim": c.kv_channels,
         "hidden_act": "silu",
-        "max_position_embeddings": c.max_position_embeddings,
+        "max_position_embeddings": hf_max_position_embeddings(c),
         "rms_norm_eps": c.norm_epsilon,
-        "rope_theta": float(c.rotary_base),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rotary_base)},
+        **hf_rope_entries(c),
         "attention_bias": c.add_bias_linear,
         "mlp_bias": c.add_bias_linear,
         "attention_dropout": c.attention_dropout,
@@ -95,13 +99,13 @@ def _expected_project_names(config: ModelConfig) -> set:
 
 
 def to_hf_state_dict(state_dict: dict, config: ModelConfig, dtype: torch.dtype | None = None) -> dict:
-    """HF tensors for a Llama style `GPTModel` state dict; `lm_head` is left out when tied."""
+    """HF tensors for a Llama style `GPTModel` state dict; `lm_head` is left out when tied, vocab padding dropped."""
     c = config
     check_keys(state_dict, _expected_project_names(c), "the project state dict",
                "Check that the checkpoint was written for this ModelConfig.")
     q_rows, kv_rows = c.num_attention_heads * c.kv_channels, c.num_query_groups * c.kv_channels
     kinds = ["weight", "bias"] if c.add_bias_linear else ["weight"]
-    out = {"model.embed_tokens.weight": cast(state_dict["embedding.word_embeddings.weight"], dtype),
+    out = {"model.embed_tokens.weight": cast(true_vocab_rows(state_dict["embedding.word_embeddings.weight"], c), dtype),
            "model.norm.weight": cast(state_dict["final_norm.weight"], dtype)}
     for i in range(c.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
@@ -120,40 +124,28 @@ def to_hf_state_dict(state_dict: dict, config: ModelConfig, dtype: torch.dtype |
             out[f"{dst}mlp.up_proj.{k}"] = cast(up, dtype)
             out[f"{dst}mlp.down_proj.{k}"] = cast(state_dict[f"{src}mlp.fc2.{k}"], dtype)
     if c.untie_embeddings_and_output_weights:
-        out["lm_head.weight"] = cast(state_dict["output_layer.weight"], dtype)
+        out["lm_head.weight"] = cast(true_vocab_rows(state_dict["output_layer.weight"], c), dtype)
     return out
-
-
-def rope_base_from_hf(hf: dict) -> float:
-    """The RoPE base of a config.json written by transformers 4 (`rope_theta`) or 5 (`rope_parameters`)."""
-    params = hf.get("rope_parameters") or {}
-    if "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(hf.get("rope_theta", 10000.0))
-
-
-def _rope_scaling_type(hf: dict) -> str | None:
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type"))
-    return None if kind in (None, "default") else kind
 
 
 def config_from_hf(hf: dict, rotary_base: float | None = None, **overrides) -> ModelConfig:
     """The `ModelConfig` of an HF Llama config.json; `overrides` replace any field afterwards.
 
-    `rotary_base` replaces the RoPE base, the usual first step of long-context continued
-    pretraining. The project has plain RoPE only, so a checkpoint trained with RoPE scaling
-    (llama3, yarn, linear, ...) converts only when a new base is given explicitly.
+    RoPE scaling (`linear`, `dynamic`, `yarn`, `llama3`) converts exactly. `rotary_base` replaces
+    the RoPE base, the usual first step of long-context continued pretraining; for a scaling the
+    project lacks (e.g. longrope) it is the way to convert anyway, with plain RoPE.
     """
-    scaling = _rope_scaling_type(hf)
-    if scaling is not None:
+    try:
+        rope = rope_fields_from_hf(hf, "the Hugging Face config")
+    except ConversionError:
         if rotary_base is None:
-            raise ConversionError(f"the Hugging Face config uses RoPE scaling {scaling!r}, which the project does "
-                                  f"not implement (plain RoPE only). Pass --rotary-base to continue pretraining "
-                                  f"with plain RoPE at a new base (the model then computes something different "
-                                  f"until it has adapted)")
-        warnings.warn(f"dropping RoPE scaling {scaling!r}: the converted model uses plain RoPE with base "
-                      f"{rotary_base}", stacklevel=2)
+            raise
+        rope = {}  # an explicit new base: continue with plain RoPE
+    partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ConversionError(f"partial_rotary_factor={partial}: transformers' LlamaForCausalLM rotates the whole "
+                              f"head with plain RoPE (it ignores the factor) and fails with a scaled one, so the "
+                              f"config is ambiguous; partial rotary converts as GPTNeoXForCausalLM")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"hidden_act={hf['hidden_act']!r} is not supported: the project's SwiGLU uses silu")
     if (hf.get("pretraining_tp") or 1) != 1:
@@ -174,6 +166,7 @@ def config_from_hf(hf: dict, rotary_base: float | None = None, **overrides) -> M
         ffn_hidden_size=hf["intermediate_size"],
         norm_epsilon=hf.get("rms_norm_eps", 1e-6),
         rotary_base=rope_base_from_hf(hf) if rotary_base is None else float(rotary_base),
+        **rope,
         add_bias_linear=bool(hf.get("attention_bias", False)),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         hidden_dropout=0.0,

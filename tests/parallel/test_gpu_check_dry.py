@@ -1,0 +1,20 @@
+"""scripts/gpu_check.sh (the one script for a GPU machine) runs end to end on CPU in its dry mode,
+so it is not dead code between GPU sessions: real pretrain_gpt.py runs per backend, the planner
+call, the Triton kernel against SDPA under the interpreter, the table and the exit status."""
+
+import json
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_gpu_check_dry_run(tmp_path):
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry", "--json", str(tmp_path / "r.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all checks passed (dry run on CPU" in proc.stdout
+    result = json.load(open(tmp_path / "r.json"))
+    assert [r["backend"] for r in result["training"]] == ["sdpa", "classic"]
+    assert all(r["ok"] and len(r["losses"]) == 4 for r in result["training"])
+    assert result["triton"][0]["max_rel_err"] < 1e-4
