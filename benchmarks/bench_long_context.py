@@ -1,21 +1,28 @@
-"""Peak memory per rank against sequence length, with and without sequence tiling.
+"""Peak memory per rank against sequence length, for each long-context memory trick.
 
-Two gloo ranks (SP = 2) train one step of a small Llama-style model at N = 4k .. 64k tokens
-under several memory settings. Peak memory is measured exactly with
-`megatron.planning.memory_tracker.MemoryTracker` (bytes of live tensors, the CPU analogue of
-`torch.cuda.max_memory_allocated`), above the parameters and optimizer state.
+Measured (left panel): two gloo ranks (SP = 2) train one step of a small Llama-style model
+(GQA, 3 layers) at N = 4k .. 32k tokens under each setting, each adding a trick to the one
+before. Peak memory is measured exactly with `megatron.planning.memory_tracker.MemoryTracker`
+(bytes of live tensors, the CPU analogue of `torch.cuda.max_memory_allocated`), above the
+parameters; the offloader's host copies are not device memory and are not counted.
 
-Prints a table, the longest N whose step fits a memory budget per setting, and writes a
-plot to docs/long_context_memory.png (needs matplotlib), then runs
-benchmarks/bench_sp_comm.py for the communication volume and step time of Ulysses, Ring
-and the hybrid at the same (N, P) against their formulas.
+Planned (right panel): the planner's peak per GPU for Llama-3-8B on 8 x 80 GiB (SP 8, ZeRO-3,
+bf16) with the same tricks added one by one, against the 78 GiB budget, with ALST's 3.7M
+tokens (arXiv:2506.13996) and, when docs/long_context_full_scale.json exists (written by
+benchmarks/long_context_full_scale.py --json-out), the fake-tensor measurements of the real
+32-layer model.
 
-    python benchmarks/bench_long_context.py [--seqs 4096,8192,16384,32768,65536 --budget-mib 1024]
+Prints tables, the longest N whose step fits a memory budget per setting, and writes the plot
+to docs/long_context_memory.png (needs matplotlib), then runs benchmarks/bench_sp_comm.py for
+the communication volume and step time of Ulysses, Ring and the hybrid.
+
+    python benchmarks/bench_long_context.py [--seqs 4096,8192,16384,32768 --budget-mib 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -35,19 +42,23 @@ from megatron.parallel import parallelize_gpt  # noqa: E402
 from megatron.planning.memory_tracker import MemoryTracker  # noqa: E402
 from megatron.training.loss import global_token_count, loss_for_backward  # noqa: E402
 
+# each setting adds one trick to the previous one
 SETTINGS = {
     "baseline": {},
     "tiled loss": {"loss_tile_tokens": 1024},
-    "tiled loss+MLP": {"loss_tile_tokens": 1024, "mlp_tiles": 8},
-    "tiled + full recompute": {"loss_tile_tokens": 1024, "mlp_tiles": 8, "recompute_granularity": "full"},
+    "+ tiled MLP": {"loss_tile_tokens": 1024, "mlp_tiles": 8},
+    "+ full recompute": {"loss_tile_tokens": 1024, "mlp_tiles": 8, "recompute_granularity": "full"},
+    "+ offload": {"loss_tile_tokens": 1024, "mlp_tiles": 8, "recompute_granularity": "full",
+                  "offload_activations": True},
+    "+ tiled layer + head chunks": {"loss_tile_tokens": 1024, "mlp_tiles": 8, "recompute_granularity": "full",
+                                   "offload_activations": True, "projection_tiles": 8, "attention_head_chunks": 2},
 }
 
 
 def model_config() -> ModelConfig:
-    return ModelConfig.llama(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=4,
-                             ffn_hidden_size=512, vocab_size=8192, max_position_embeddings=1 << 20,
+    return ModelConfig.llama(num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                             ffn_hidden_size=256, vocab_size=8192, max_position_embeddings=1 << 20,
                              hidden_dropout=0.0, attention_dropout=0.0)
-
 
 
 def _rank(rank, world, port, seqs, settings, out_q):
@@ -77,18 +88,40 @@ def _rank(rank, world, port, seqs, settings, out_q):
             dist.barrier()
             rows.append((name, n, mem.peak, time.perf_counter() - t0))
             if rank == 0:
-                print(f"  {name:24s} N={n:6d} peak {mem.peak / 2**20:8.1f} MiB  {rows[-1][3]:.1f} s", flush=True)
+                print(f"  {name:28s} N={n:6d} peak {mem.peak / 2**20:8.1f} MiB  {rows[-1][3]:.1f} s", flush=True)
     if rank == 0:
         out_q.put(rows)
     dist.destroy_process_group()
 
 
+def planned_curves(seqs: list[int]) -> dict:
+    """The planner's peak per GPU for Llama-3-8B on 8 GPUs, tricks added one by one (GiB)."""
+    from megatron.planning.long_context import PRESETS, every_trick  # noqa: PLC0415
+    from megatron.planning.memory_estimate import GIB, estimate_memory  # noqa: PLC0415
+
+    model = PRESETS["llama3-8b"]()
+    base = dict(sequence_parallel_size=8, zero_stage=3, attention_backend="flash-attn")
+    curves = {}
+    for name, fields in SETTINGS.items():
+        out = []
+        for n in seqs:
+            if name.startswith("+ tiled layer"):  # every trick, tiles sized for N as --longest sizes them
+                par = every_trick(model, n, 8)
+            else:
+                par = ParallelConfig(**base, **{k: v for k, v in fields.items() if k != "mlp_tiles"},
+                                     mlp_tiles=max(1, n // 8 // 8192) if "mlp_tiles" in fields else 1)
+            out.append(estimate_memory(model, n, precision="bf16", parallel=par)["peak"] / GIB)
+        curves[name] = out
+    return curves
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", default="4096,8192,16384,32768,65536")
+    ap.add_argument("--seqs", default="4096,8192,16384,32768")
     ap.add_argument("--settings", default=",".join(SETTINGS))
-    ap.add_argument("--budget-mib", type=float, default=1024.0)
+    ap.add_argument("--budget-mib", type=float, default=64.0)
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "long_context_memory.png"))
+    ap.add_argument("--full-scale-json", default=os.path.join(ROOT, "docs", "long_context_full_scale.json"))
     ap.add_argument("--comm-seq-lens", default="2048 4096",
                     help="also print Ulysses / ring / hybrid bytes per rank vs formulas at P=4 "
                          "(benchmarks/bench_sp_comm.py) for these N; empty to skip")
@@ -97,8 +130,9 @@ def main(argv=None):
     settings = [s for s in args.settings.split(",") if s]
     cfg = model_config()
     print(f"# SP=2 on CPU (gloo), Llama-style: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.num_attention_heads} heads, ffn {cfg.ffn_hidden_size}, vocab {cfg.vocab_size}, fp32, "
-          "one training step (forward + backward), peak live tensor bytes per rank above the weights")
+          f"{cfg.num_attention_heads} heads ({cfg.num_query_groups} K/V), ffn {cfg.ffn_hidden_size}, vocab "
+          f"{cfg.vocab_size}, fp32, one training step (forward + backward), peak live tensor bytes per rank above "
+          "the weights (host copies of offloaded activations excluded)")
     q = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_rank, args=(2, free_port(), seqs, settings, q), nprocs=2, join=True, start_method="spawn")
     rows = q.get()
@@ -107,7 +141,7 @@ def main(argv=None):
     print("\n| N | " + " | ".join(f"{s} MiB" for s in settings) + " |")
     print("|---|" + "---|" * len(settings))
     for n in seqs:
-        print(f"| {n} | " + " | ".join(f"{peak[(s, n)] / 2**20:.0f}" for s in settings) + " |")
+        print(f"| {n} | " + " | ".join(f"{peak[(s, n)] / 2**20:.1f}" for s in settings) + " |")
     print("\n| N | " + " | ".join(f"{s} s/step" for s in settings) + " |")
     print("|---|" + "---|" * len(settings))
     for n in seqs:
@@ -116,8 +150,20 @@ def main(argv=None):
     print(f"\nlongest measured N whose step fits {args.budget_mib:.0f} MiB per rank:")
     for s in settings:
         fits = [n for n in seqs if peak[(s, n)] <= budget]
-        print(f"  {s:24s} {max(fits) if fits else 'none'}")
-    _plot(args.plot, seqs, settings, peak, budget)
+        print(f"  {s:28s} {max(fits) if fits else 'none'}")
+    big = [2 ** k for k in range(17, 24)] + [6 * 2 ** 20, 2 ** 23]
+    big = sorted(set(big))
+    curves = planned_curves(big)
+    print("\n# planned peak GiB per GPU, Llama-3-8B on 8 GPUs (SP 8, ZeRO-3, bf16), tricks added one by one")
+    print("| N | " + " | ".join(SETTINGS) + " |")
+    print("|---|" + "---|" * len(SETTINGS))
+    for i, n in enumerate(big):
+        print(f"| {n:,} | " + " | ".join(f"{curves[s][i]:.1f}" for s in SETTINGS) + " |")
+    measured = None
+    if os.path.exists(args.full_scale_json):
+        with open(args.full_scale_json) as f:
+            measured = [r for r in json.load(f) if r["world_size"] == 8]
+    _plot(args.plot, seqs, settings, peak, budget, big, curves, measured)
     if args.comm_seq_lens.strip():
         import subprocess
 
@@ -126,7 +172,7 @@ def main(argv=None):
                         *args.comm_seq_lens.split()], check=True)
 
 
-def _plot(path, seqs, settings, peak, budget):
+def _plot(path, seqs, settings, peak, budget, big, curves, measured):
     try:
         import matplotlib
 
@@ -135,7 +181,7 @@ def _plot(path, seqs, settings, peak, budget):
     except ImportError:
         print("(matplotlib not installed: no plot written; pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
     for s in settings:
         ax.plot(seqs, [peak[(s, n)] / 2**20 for n in seqs], marker="o", label=s)
     ax.axhline(budget / 2**20, color="grey", linestyle="--", linewidth=1, label="budget")
@@ -143,9 +189,23 @@ def _plot(path, seqs, settings, peak, budget):
     ax.set_yscale("log", base=2)
     ax.set_xlabel("sequence length N (tokens, SP = 2)")
     ax.set_ylabel("peak activation memory per rank (MiB)")
-    ax.set_title("One training step, tiny Llama, CPU")
+    ax.set_title("Measured: one step, tiny Llama, CPU")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    for s in curves:
+        bx.plot(big, curves[s], marker=".", label=s)
+    bx.axhline(78, color="grey", linestyle="--", linewidth=1, label="80 GiB - 2 reserve")
+    bx.axvline(3.7e6, color="black", linestyle=":", linewidth=1, label="ALST: 3.7M on 8 H100")
+    if measured:
+        bx.plot([r["seq_length"] for r in measured], [r["measured_peak"] / 2**30 for r in measured], "k*",
+                markersize=10, label="measured (fake tensors, 32 layers)")
+    bx.set_xscale("log", base=2)
+    bx.set_yscale("log", base=2)
+    bx.set_xlabel("sequence length N (tokens, 8 GPUs)")
+    bx.set_ylabel("peak per GPU (GiB)")
+    bx.set_title("Planned: Llama-3-8B, SP 8, ZeRO-3, bf16")
+    bx.grid(True, which="both", alpha=0.3)
+    bx.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -178,6 +178,9 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--fp16", action="store_true", default=None,
                    help="fp16 mixed precision with a loss scaler")
     g.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    g.add_argument("--fp32-residual-connection", action="store_true",
+                   help="under --bf16/--fp16 keep the residual stream (layer inputs and outputs) in fp32; by "
+                        "default it is in the training precision, as upstream")
     g.add_argument("--loss-scale", type=float, help="static fp16 loss scale (default: dynamic)")
     g.add_argument("--initial-loss-scale", type=float, help="first dynamic fp16 loss scale (default 2^32)")
     g.add_argument("--min-loss-scale", type=float, help="lowest dynamic fp16 loss scale (default 1)")
@@ -245,6 +248,13 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     g.add_argument("--tiled-loss-tokens", type=int, default=0,
                    help="compute logits + cross-entropy in tiles of this many tokens (0: off)")
     g.add_argument("--tiled-mlp-tiles", type=int, default=1, help="run each MLP over this many sequence tiles")
+    g.add_argument("--tiled-projection-tiles", type=int, default=1,
+                   help="run every token-local part of a layer (norms, QKV projection + RoPE, output projection, "
+                        "residual adds; the MLP in --tiled-mlp-tiles tiles) over this many sequence tiles, forward "
+                        "and backward")
+    g.add_argument("--attention-head-chunks", type=int, default=1,
+                   help="run the local attention kernel over this many head chunks (one chunk's kernel workspace "
+                        "at a time)")
     g.add_argument("--offload-activations", "--checkpoint-in-cpu", dest="offload_activations",
                    action="store_true", help="keep saved activations in host memory (GPU only)")
 
@@ -389,8 +399,11 @@ def config_from_args(args: argparse.Namespace, world_size: int, check_environmen
                               recompute_method=args.recompute_method or "uniform",
                               recompute_num_layers=args.recompute_num_layers,
                               loss_tile_tokens=args.tiled_loss_tokens, mlp_tiles=args.tiled_mlp_tiles,
+                              projection_tiles=args.tiled_projection_tiles,
+                              attention_head_chunks=args.attention_head_chunks,
                               offload_activations=args.offload_activations,
-                              ulysses_overlap_chunks=args.ulysses_overlap_chunks)
+                              ulysses_overlap_chunks=args.ulysses_overlap_chunks,
+                              fp32_residual_connection=args.fp32_residual_connection)
     # everything the run itself would refuse (heads vs SP, sequence layout, kernels vs precision)
     _, strategy_notes = validate_strategy(model, parallel, world_size=world_size, seq_length=data.seq_length,
                                           precision=optim.dtype_name,

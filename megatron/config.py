@@ -214,8 +214,16 @@ class ParallelConfig:
     recompute_num_layers: int = 1  # layers per recomputed chunk (uniform) or recomputed layers (block)
     loss_tile_tokens: int = 0  # > 0: logits + cross-entropy in tiles of this many tokens
     mlp_tiles: int = 1  # > 1: MLP over this many sequence tiles, recomputed per tile
+    # > 1: every token-local part of a layer (norms, QKV projection + RoPE, output projection,
+    # residual adds; the MLP in mlp_tiles tiles) over this many sequence tiles, and the final norm
+    projection_tiles: int = 1
+    attention_head_chunks: int = 1  # > 1: the local attention kernel runs over this many head chunks
     offload_activations: bool = False  # keep recomputed layers' inputs in host memory (GPU)
     ulysses_overlap_chunks: int = 1  # > 1: pipeline the all-to-alls with attention over head chunks
+    # under --bf16/--fp16 the residual stream (embedding output, every layer's input and output)
+    # is in the training precision, as upstream's Float16Module makes it; True keeps it fp32
+    # (upstream's --fp32-residual-connection). No effect in fp32.
+    fp32_residual_connection: bool = False
 
     def __post_init__(self) -> None:
         if self.sequence_parallel_size < 1:
@@ -230,6 +238,9 @@ class ParallelConfig:
                               f"{self.recompute_num_layers}")
         if self.loss_tile_tokens < 0 or self.mlp_tiles < 1:
             raise ConfigError("--tiled-loss-tokens must be >= 0 and --tiled-mlp-tiles >= 1")
+        if self.projection_tiles < 1 or self.attention_head_chunks < 1:
+            raise ConfigError(f"--tiled-projection-tiles and --attention-head-chunks must be >= 1, got "
+                              f"{self.projection_tiles} and {self.attention_head_chunks}")
         if self.ulysses_overlap_chunks < 1:
             raise ConfigError(f"--ulysses-overlap-chunks must be >= 1, got {self.ulysses_overlap_chunks}")
 

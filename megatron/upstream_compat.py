@@ -292,8 +292,6 @@ FLAGS: list[CompatFlag] = [
                "--squared-relu"),
     *_switches(REJECTED, "fp32 embedding weights under bf16/fp16 are not implemented; drop the flag",
                "--embedding-weights-in-fp32"),
-    *_switches(REJECTED, "an fp32 residual stream is not implemented; train in fp32 (drop --fp16/--bf16) or drop "
-               "the flag", "--fp32-residual-connection"),
     *_switches(REJECTED, "Xavier-uniform initialization is not implemented; drop the flag (normal init with "
                "--init-method-std)", "--init-method-xavier-uniform"),
     *_switches(REJECTED, "different initial weights per data-parallel rank are not implemented; drop the flag",

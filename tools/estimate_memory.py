@@ -20,6 +20,14 @@ A launch script can be estimated as is: its DRY_RUN path runs `$PYTHON pretrain_
 
 runs this tool on the script's flags (the pretrain_gpt.py path and --dry-run are skipped).
 Sizes are GiB (2^30 bytes); `--gpu-memory-gb 80` means an 80 GiB card (A100/H100 80GB).
+
+The longest sequence with every memory trick on (megatron/planning/long_context.py: ZeRO-3,
+full recompute with offloaded layer inputs, sequence tiling, head-chunked attention, tiled loss),
+the term that bounds it and the host memory the offload needs:
+
+    python tools/estimate_memory.py --longest --preset llama3-8b --num-gpus 8 --gpu-memory-gb 80
+    python tools/estimate_memory.py --longest --num-gpus 1 --gpu-memory-gb 80 MODEL_FLAGS
+    python tools/estimate_memory.py --reference alst     # Llama-3-8B at 1/8/32 GPUs beside ALST's paper
 """
 
 from __future__ import annotations
@@ -34,6 +42,12 @@ if __package__ in (None, ""):  # run as a script: make `megatron` importable
 
 from megatron.arguments import build_parser, config_from_args  # noqa: E402
 from megatron.config import ConfigError, RunConfig  # noqa: E402
+from megatron.planning.long_context import (  # noqa: E402
+    PRESETS,
+    describe_strategy,
+    longest_sequence,
+    strategy_flags,
+)
 from megatron.planning.memory_estimate import (  # noqa: E402
     GIB,
     estimate_memory,
@@ -42,7 +56,8 @@ from megatron.planning.memory_estimate import (  # noqa: E402
 )
 
 _PHASE_NAMES = {"forward_end": "end of forward (logits + loss)", "loss_backward": "loss backward",
-                "layer_forward": "last layer forward (attention)", "layer_backward": "last layer backward"}
+                "layer_forward": "last layer forward (attention)", "layer_backward": "last layer backward",
+                "first_forward": "a layer's first forward"}
 
 
 def _add(group, parser, flag: str, **kw) -> None:
@@ -165,6 +180,7 @@ def report(cfg: RunConfig, est: dict, settings: dict, budget: float, gpu: float,
         _row(f"activations kept for backward ({rec})", est["activations"]),
         f"    (no recompute {est['activations_no_recompute'] / GIB:.2f} | selective "
         f"{est['activations_selective_recompute'] / GIB:.2f} | full {est['activations_full_recompute'] / GIB:.2f})",
+        _row("activations offloaded to host memory", est["host_activations"]),
         _row("logits + loss (saved + peak)", est["logits_loss"]),
         _row("all-to-all buffers (one layer)", est["all_to_all_buffers"]),
         _row("attention workspace (lse or scores)", est["attention_workspace"]),
@@ -180,6 +196,10 @@ def report(cfg: RunConfig, est: dict, settings: dict, budget: float, gpu: float,
     lines.append(f"peak {est['peak'] / GIB:.2f} GiB ({_PHASE_NAMES[est['peak_phase']]}) + reserve "
                  f"{(gpu - budget) / GIB:.2f} of {gpu / GIB:.0f} GiB -> {verdict} "
                  f"({'headroom' if fits else 'short by'} {abs(budget - est['peak']) / GIB:.2f} GiB)")
+    if est["host_activations"]:
+        per_node = est["host_activations"] * min(cfg.world_size, 8)
+        lines.append(f"host memory for offloaded activations: {est['host_activations'] / GIB:.2f} GiB per rank, "
+                     f"{per_node / GIB:.2f} GiB per node of {min(cfg.world_size, 8)} GPUs")
     lines.append(f"longest sequence that fits with these settings: "
                  f"{largest:,} tokens" if largest else "no sequence length fits with these settings")
     return "\n".join(lines)
@@ -208,8 +228,122 @@ def sweep(cfg: RunConfig, settings: dict, spec: str, budget: float, largest: int
     return "\n".join(rows)
 
 
+# Arctic Long Sequence Training (ALST, arXiv:2506.13996, abstract and Figure 1): the longest
+# sequence trained for Llama-8B on H100 80GB GPUs: 500K on one GPU, 3.7M on one 8-GPU node,
+# 15M on four nodes (32 GPUs). Its single-GPU run offloads the optimizer state to the CPU.
+ALST_LLAMA_8B = {1: 500_000, 8: 3_700_000, 32: 15_000_000}
+_LONGEST_WORDS = ("--longest", "--reference", "--preset")
+
+
+def _longest_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="estimate_memory.py --longest",
+        description="The longest sequence a model trains on N GPUs of M GiB with every memory trick on "
+                    "(megatron.planning.long_context.every_trick), the terms that bound it, and the host "
+                    "memory its offloaded activations need.")
+    ap.add_argument("--longest", action="store_true", help="search the longest sequence (the default here)")
+    ap.add_argument("--reference", choices=["alst"], help="alst: Llama-3-8B at 1, 8 and 32 GPUs beside ALST's "
+                    "published lengths (arXiv:2506.13996)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a model shape instead of pretrain_gpt.py's flags")
+    ap.add_argument("--world-size", "--num-gpus", dest="world_size", type=int, help="GPUs (default 8)")
+    ap.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GiB per GPU (default 80)")
+    ap.add_argument("--reserve-gb", type=float, default=2.0,
+                    help="GiB per GPU kept out of the budget: CUDA context, NCCL, allocator slack (default 2)")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for host memory per node (8)")
+    ap.add_argument("--host-memory-gb", type=float,
+                    help="host memory per node for offloaded activations (GiB); default: no limit, reported")
+    ap.add_argument("--attention-backend", choices=["sdpa", "flash-attn"], default="sdpa",
+                    help="sdpa (torch's FlashAttention-2 kernels, read the all-to-all buffers in place; default) "
+                         "or flash-attn (the flash_attn package)")
+    ap.add_argument("--json", action="store_true")
+    return ap
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:,.2f}"
+
+
+def longest(model, world: int, args) -> dict:
+    budget = (args.gpu_memory_gb - args.reserve_gb) * GIB
+    host = args.host_memory_gb * GIB / min(world, args.gpus_per_node) if args.host_memory_gb else None
+    n, est = longest_sequence(model, world, budget, host_budget_bytes=host, attention_backend=args.attention_backend)
+    return {"world_size": world, "seq_length": n, "estimate": est, "budget_bytes": budget,
+            "host_per_node": est["host_activations"] * min(world, args.gpus_per_node) if est else 0}
+
+
+def _describe_longest(model, r: dict, args) -> str:
+    est, n, world = r["estimate"], r["seq_length"], r["world_size"]
+    lines = [f"model: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads "
+             f"(K/V {model.num_query_groups}), ffn {model.ffn_hidden_size}, vocab {model.vocab_size}, "
+             f"{model.position_embedding_type} positions -> {model.num_parameters() / 1e9:.2f} B parameters",
+             f"machine: {world} GPU(s) x {args.gpu_memory_gb:g} GiB (budget {_gib(r['budget_bytes'])} GiB after "
+             f"{args.reserve_gb:g} GiB reserve), {min(world, args.gpus_per_node)} per node, host memory "
+             + (f"{args.host_memory_gb:g} GiB per node" if args.host_memory_gb else "not limited")]
+    if not n:
+        lines.append("no sequence fits, even with every trick on (the parameter, gradient and optimizer shards "
+                     "alone may exceed the budget: use more GPUs)")
+        return "\n".join(lines)
+    lines += [f"every trick: {describe_strategy(est['parallel'])}",
+              f"flags: {strategy_flags(est['parallel'])}",
+              f"longest sequence: {n:,} tokens ({est['tokens_per_rank']:,} per GPU), peak "
+              f"{_gib(est['peak'])} GiB per GPU at the {_PHASE_NAMES[est['peak_phase']]}",
+              f"host memory for offloaded layer inputs: {_gib(est['host_activations'])} GiB per GPU, "
+              f"{_gib(r['host_per_node'])} GiB per node",
+              "terms of the peak, largest first (GiB):"]
+    lines += [f"  {_gib(b):>9}  {name}" for name, b in est["peak_terms"].items()]
+    return "\n".join(lines)
+
+
+def longest_main(argv: list[str]) -> int:
+    """`--longest` / `--reference alst` / `--preset`: every trick on, the longest sequence."""
+    ap = _longest_parser()
+    args, rest = ap.parse_known_args(argv)
+    if args.reference == "alst":
+        model = PRESETS["llama3-8b"]()
+        rows = [longest(model, world, args) for world in sorted(ALST_LLAMA_8B)]
+        if args.json:
+            print(json.dumps([{"world_size": r["world_size"], "alst": ALST_LLAMA_8B[r["world_size"]],
+                               "ours": r["seq_length"], "peak": r["estimate"]["peak"] if r["estimate"] else None,
+                               "host_per_node": r["host_per_node"]} for r in rows]))
+            return 0
+        print(f"Llama-3-8B (32 layers, hidden 4096, 32 heads / 8 K/V, ffn 14336, vocab 128256, RoPE), GPUs of "
+              f"{args.gpu_memory_gb:g} GiB ({args.reserve_gb:g} reserved), bf16, every trick on")
+        print("| GPUs | ALST (paper) | this planner | peak GiB/GPU | bound by | host GiB/node |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            est = r["estimate"]
+            bound = (f"{_PHASE_NAMES[est['peak_phase']]}: {next(iter(est['peak_terms']))}" if est
+                     else "parameter/optimizer shards")
+            print(f"| {r['world_size']} | {ALST_LLAMA_8B[r['world_size']]:,} | {r['seq_length']:,} | "
+                  f"{_gib(est['peak']) if est else '-'} | {bound} | {_gib(r['host_per_node'])} |")
+        print("ALST: arXiv:2506.13996 (Llama-8B on H100 80GB: 500K on 1 GPU, 3.7M on 8, 15M on 32). Its 1-GPU run "
+              "offloads the optimizer state to the CPU, which this framework does not implement, so 8B x 16 bytes "
+              "of fp32 weights, gradients and Adam state must fit one GPU here.")
+        return 0
+    if args.preset:
+        model = PRESETS[args.preset]()
+    else:
+        try:
+            cfg, _, _ = parse(rest + (["--world-size", str(args.world_size)] if args.world_size else []))
+        except ConfigError as e:
+            print(f"estimate_memory.py: error: {e}", file=sys.stderr)
+            return 2
+        model = cfg.model
+    r = longest(model, args.world_size or 8, args)
+    if args.json:
+        est = dict(r["estimate"] or {})
+        est.pop("parallel", None)
+        print(json.dumps({"seq_length": r["seq_length"], "host_per_node": r["host_per_node"], **est},
+                         default=str))
+        return 0
+    print(_describe_longest(model, r, args))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.split("=")[0] in _LONGEST_WORDS for a in argv):
+        return longest_main(argv)
     try:
         cfg, args, notes = parse(argv)
     except ConfigError as e:

@@ -48,6 +48,7 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
                 lse[i:i + tile] = torch.logsumexp(logits, dim=-1)
                 target = logits.gather(1, labels[i:i + tile, None]).squeeze(1)
                 losses[i:i + tile] = lse[i:i + tile] - target
+                del logits, target  # one tile's logits at a time, not two
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.tile, ctx.dtype, ctx.vocab_size = tile, dtype, vocab_size
         return losses
@@ -73,7 +74,8 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[i:i + tile] = (g @ w).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight += (g.t() @ h).float()
+                    grad_weight += g.t() @ h  # promoted to fp32 in place: no fp32 [V, h] temporary
+                del logits, probs, g, h  # one tile's buffers at a time
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None

@@ -54,7 +54,7 @@ def mixed_precision_policy(precision: str):
     _, policy = _fsdp()
     if precision not in _HALF:
         return policy()
-    # cast_forward_inputs=False: layer inputs (the fp32 residual stream, RoPE's cos/sin) keep
+    # cast_forward_inputs=False: layer inputs (the residual stream, RoPE's fp32 cos/sin) keep
     # their dtype; autocast casts what each matmul needs, as it does without FSDP
     return policy(param_dtype=_HALF[precision], reduce_dtype=torch.float32, cast_forward_inputs=False)
 
@@ -88,10 +88,8 @@ def apply_data_parallel(model: nn.Module, zero_stage: int, parallel_state, devic
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-    if precision in _HALF:
-        # the residual stream stays fp32 (as under DDP + autocast): the embedding output would
-        # otherwise carry the gathered half-precision weights' dtype into every layer
-        model.embedding.register_forward_hook(lambda module, args, out: out.float())
+    # the residual stream's dtype (the embedding output's) is set by parallelize_gpt's
+    # residual_dtype hook, whatever the gathered weights' dtype
     return model
 
 

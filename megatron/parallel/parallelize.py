@@ -8,7 +8,9 @@ large models); this step, as torchtitan's `parallelize_*` functions, makes it ru
    (Ulysses `DistributedAttention`, head-chunk overlap, or Ulysses x ring);
 2. the SP input handling of the model (position ids of the shard, documents of the full
    sequence, the shard-length check);
-3. MLP tiling, tiled logits + loss, full recompute, activation offload;
+3. sequence tiling of every token-local part of a layer (or of its MLP only), head chunks
+   of the local attention, tiled logits + loss, full recompute, activation offload (one
+   `ActivationOffloader` per model, `model.activation_offloader`, for its statistics);
 4. ZeRO: DDP (stages 0/1) or FSDP2 (stages 2/3, half-precision parameter gathers under
    --bf16/--fp16);
 5. for a meta-device model: allocate this rank's shards and initialise them exactly as the
@@ -27,15 +29,21 @@ from megatron.config import ConfigError, ModelConfig, ParallelConfig
 from megatron.core.sequence_parallel.hybrid import build_sp_attention
 from megatron.core.topology import Topology
 from megatron.model.attention_backends import build_local_attention
+from megatron.model.sequence_tiling import HeadChunkedAttention
 from megatron.model.tiling import TiledLanguageModelLoss
 from megatron.parallel.data_parallel import apply_data_parallel
 from megatron.parallel.materialize import has_meta_parameters, materialize_
+from megatron.parallel.offload import ActivationOffloader
 from megatron.parallel.wrappers import (
     Recompute,
     apply_full_recompute,
+    apply_layer_tiling,
     apply_mlp_tiling,
+    apply_norm_tiling,
     apply_offload,
+    install_residual_dtype,
     install_sequence_parallel_inputs,
+    residual_dtype,
 )
 
 FLASH_ATTN_MAX_HEAD_DIM = 256
@@ -70,7 +78,8 @@ def validate_strategy(model: ModelConfig, parallel: ParallelConfig, *, world_siz
             notes.append("--recompute-granularity selective: ring attention keeps only its output and "
                          "log-sum-exp already, so selective recompute changes nothing under --ring-attention-size")
     if parallel.offload_activations and device_type == "cpu":
-        notes.append("--offload-activations: no effect on CPU (activations already live in host memory)")
+        notes.append("--offload-activations on CPU: saved layer inputs are copied to separate host tensors, "
+                     "which saves no memory (the device is host memory); it pays off on GPUs")
     return topology, notes
 
 
@@ -78,6 +87,8 @@ def build_core_attention(model_config: ModelConfig, parallel: ParallelConfig, pa
     """The core attention module of one layer under this strategy."""
     local = build_local_attention(parallel.attention_backend, causal=True, dropout_p=model_config.attention_dropout,
                                   layout="sbhd")
+    if parallel.attention_head_chunks > 1:
+        local = HeadChunkedAttention(local, parallel.attention_head_chunks)
     if parallel.recompute_granularity == "selective":
         local = Recompute(local)
     # the SP input hook checks the shard length once per shape for the whole model
@@ -91,8 +102,10 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
     """Apply `parallel` (a ParallelConfig) to `model` (a GPTModel, possibly on the meta device).
 
     `parallel_state` may be None for a single process. `precision` ("fp32", "bf16", "fp16")
-    sets FSDP2's parameter-gather dtype. `data_parallel=False` skips step 4 (no DDP/FSDP: the
-    caller reduces gradients itself; for tools and measurements). Returns the model to train
+    sets FSDP2's parameter-gather dtype and the residual stream's dtype (bf16/fp16 under
+    half precision unless `parallel.fp32_residual_connection`; untouched in fp32).
+    `data_parallel=False` skips step 4 (no DDP/FSDP: the caller reduces gradients itself;
+    for tools and measurements). Returns the model to train
     (DDP-wrapped for ZeRO 0/1 with more than one rank; the same object otherwise). Parameter
     names are unchanged.
     """
@@ -102,19 +115,35 @@ def parallelize_gpt(model: nn.Module, parallel_state, parallel: ParallelConfig, 
     world = parallel_state.world_size if parallel_state is not None else 1
     validate_strategy(config, parallel, world_size=world, precision=precision, device_type=device.type)
     sp = parallel_state is not None and parallel_state.sp_size > 1
+    chunked = (parallel.recompute_granularity == "full" and parallel.recompute_method == "uniform"
+               and parallel.recompute_num_layers > 1)
+    offloader = None
+    if parallel.offload_activations:  # (in units of recomputed chunks when several layers form one)
+        units = -(-len(model.layers) // parallel.recompute_num_layers) if chunked else len(model.layers)
+        offloader = ActivationOffloader(device, num_layers=units)
+        model.activation_offloader = offloader
     for layer in model.layers:
         layer.attention.core_attention = build_core_attention(config, parallel, parallel_state)
-        if parallel.mlp_tiles > 1:
+        if parallel.projection_tiles > 1:
+            apply_layer_tiling(layer, parallel.projection_tiles, parallel.mlp_tiles)
+        elif parallel.mlp_tiles > 1:
             apply_mlp_tiling(layer.mlp, parallel.mlp_tiles)
     if parallel.recompute_granularity == "full":
-        apply_full_recompute(model, parallel.recompute_method, parallel.recompute_num_layers)
-    if parallel.offload_activations:  # outermost, so that what recompute keeps is what leaves the device
-        for layer in model.layers:
-            apply_offload(layer)
+        # (uniform chunks of several layers: the chunk's input is what leaves the device)
+        apply_full_recompute(model, parallel.recompute_method, parallel.recompute_num_layers,
+                             offloader=offloader if chunked else None)
+    if offloader is not None and not chunked:  # outermost: what recompute keeps is what leaves the device
+        for index, layer in enumerate(model.layers):
+            apply_offload(layer, offloader, index)
+    if parallel.projection_tiles > 1:
+        apply_norm_tiling(model.final_norm, parallel.projection_tiles)
     if parallel.loss_tile_tokens > 0:
         model.loss = TiledLanguageModelLoss(parallel.loss_tile_tokens)
     if sp:
         install_sequence_parallel_inputs(model, parallel_state)
+    dtype = residual_dtype(precision, parallel.fp32_residual_connection)
+    if dtype is not None:
+        install_residual_dtype(model, dtype)
     meta = has_meta_parameters(model)
     if not data_parallel or parallel.zero_stage in (0, 1):
         if meta:

@@ -6,22 +6,31 @@ megatron/model (which tensors autograd saves per layer, which buffers the Ulysse
 all-to-alls allocate, what the loss materialises) and megatron/training (how each ZeRO
 stage stores parameters, gradients and Adam state). It is validated against exact
 measurements of CPU steps (tests/memory/), where `MemoryTracker` counts live tensor bytes
-the way the CUDA caching allocator's "allocated" counter does.
+the way the CUDA caching allocator's "allocated" counter does, and at full scale against
+the real model under fake tensors (megatron/planning/measure.py).
 
 A step's peak is the static state (parameters, gradients, optimizer state) plus the
-largest of four moments of the step:
+largest of these moments of the step:
 
+  first_forward   (sequence-tiled layers, full recompute) a layer's first forward
   forward_end     every layer's saved activations + the logits/loss forward
   loss_backward   the same + the cross-entropy gradient buffers
   layer_forward   attention of the last layer: all-to-all buffers and attention workspace
   layer_backward  the last layer's backward (with full recompute: its recomputed activations)
 
+Sequence-tiled layers (--tiled-projection-tiles) have their own model, tiled_memory.py.
+With activation offload every layer but the last keeps its saved set in host memory
+(`host_activations`), and one more layer's set is on the device while it is prefetched.
+
 Precision: parameters, gradients and Adam state are fp32 in every mode (fp32 master
 weights, megatron/training/precision.py); bf16/fp16 run the matmuls under autocast, so
-saved inputs of linear layers and attention are 2 bytes, norms, residual stream and
-softmax statistics stay fp32, and autocast's bf16 copies of the weights are alive while
-they are saved for backward (and, with its weight cache, until the forward ends).
-`device="cuda"` stores dropout masks as bool (1 byte); on CPU they take the dtype's bytes.
+saved inputs of linear layers and attention are 2 bytes, the residual stream is in the
+training precision unless --fp32-residual-connection (norms compute in fp32 copies),
+softmax statistics stay fp32, and autocast's bf16 copies of fp32 weights are alive while
+they are saved for backward (and, with its weight cache, until the forward ends). Under
+ZeRO-2/3 FSDP2 gathers the weights in bf16: no copies then, 2-byte gathered parameters.
+`device="cuda"` stores dropout masks as bool (1 byte) and adds kernel-private workspace
+(the flash backward's fp32 dQ accumulator, logsumexp's temporaries); on CPU they are absent.
 """
 
 from __future__ import annotations
@@ -30,57 +39,12 @@ import math
 from dataclasses import dataclass
 
 from megatron.config import ModelConfig, ParallelConfig
+from megatron.planning import tiled_memory
+from megatron.planning.model_states import _states, parameter_tensors, zero1_partition_max  # noqa: F401
 
 GIB = 2 ** 30
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("cuda", "cpu")
-
-
-def parameter_tensors(model: ModelConfig) -> list[tuple[str, int, int]]:
-    """(name, numel, ndim) of every parameter of `GPTModel(model)`, in registration order.
-
-    ZeRO-1 assigns whole tensors to ranks, so its per-rank optimizer state depends on the
-    tensor sizes, not only on their sum.
-    """
-    h, f, d = model.hidden_size, model.ffn_hidden_size, model.kv_channels
-    hq, hkv, v = model.num_attention_heads, model.num_query_groups, model.vocab_size
-    bias = model.add_bias_linear
-    out = [("embedding.word_embeddings.weight", v * h, 2)]
-    if model.position_embedding_type == "learned_absolute":
-        out.append(("embedding.position_embeddings.weight", model.max_position_embeddings * h, 2))
-    norm = [("weight", h, 1)] + ([("bias", h, 1)] if model.normalization == "LayerNorm" else [])
-    fc1 = 2 * f if model.activation == "swiglu" else f
-    qkv = (hq + 2 * hkv) * d
-    linears = [("attention.qkv", qkv, h), ("attention.proj", h, hq * d), ("mlp.fc1", fc1, h), ("mlp.fc2", h, f)]
-    for i in range(model.num_layers):
-        out += [(f"layers.{i}.input_norm.{n}", k, nd) for n, k, nd in norm]
-        for name, rows, cols in linears[:2]:
-            out.append((f"layers.{i}.{name}.weight", rows * cols, 2))
-            if bias:
-                out.append((f"layers.{i}.{name}.bias", rows, 1))
-        out += [(f"layers.{i}.post_attention_norm.{n}", k, nd) for n, k, nd in norm]
-        for name, rows, cols in linears[2:]:
-            out.append((f"layers.{i}.{name}.weight", rows * cols, 2))
-            if bias:
-                out.append((f"layers.{i}.{name}.bias", rows, 1))
-    out += [(f"final_norm.{n}", k, nd) for n, k, nd in norm]
-    if model.untie_embeddings_and_output_weights:
-        out.append(("output_layer.weight", v * h, 2))
-    return out
-
-
-def zero1_partition_max(tensors: list[tuple[str, int, int]], ranks: int) -> int:
-    """Largest per-rank element count under ZeroRedundancyOptimizer's greedy partition.
-
-    It walks each param group (weight-decay matrices, then vectors) largest tensor first
-    and gives each to the least-loaded rank; loads carry over between groups.
-    """
-    loads = [0] * ranks
-    for group in ([t for t in tensors if t[2] >= 2], [t for t in tensors if t[2] < 2]):
-        for _, n, _ in sorted(group, key=lambda t: t[1], reverse=True):
-            i = loads.index(min(loads))
-            loads[i] += n
-    return max(loads)
 
 
 @dataclass(frozen=True)
@@ -96,6 +60,8 @@ class _Geometry:
     act: int  # bytes of a saved matmul/attention activation (2 under autocast)
     mask: int  # bytes of one hidden-dropout mask element, by device
     device: str
+    res: int = 4  # bytes of a residual-stream element (2 under half precision, 4 with fp32 residual)
+    wbytes: int = 4  # bytes of a weight as the layers read it (2 when FSDP gathers in bf16/fp16)
 
     @property
     def ulysses(self) -> int:
@@ -216,7 +182,7 @@ def layer_saved(g: _Geometry, recompute: str | None) -> dict:
     """Bytes one transformer layer keeps for backward, in forward order (input included)."""
     m, a, t, h = g.m, g.act, g.t, g.m.hidden_size
     if recompute == "full":
-        return {"layer input": 4 * t * h}
+        return {"layer input": g.res * t * h}
     attn = _attention_saved(g, selective=recompute == "selective")
     proj_in = a * t * m.num_attention_heads * m.kv_channels
     if attn["output"] and _proj_input_aliases_output(g):
@@ -231,7 +197,7 @@ def layer_saved(g: _Geometry, recompute: str | None) -> dict:
         "attention output": attn["output"] + proj_in,
         "residual + norm": mask + 4 * t * h + _norm_saved(g),
         # tiled MLP: the tile checkpoints keep only the fp32 norm output
-        "mlp": 4 * t * h if g.p.mlp_tiles > 1 else a * t * h + _mlp_internals(g),
+        "mlp": g.res * t * h if g.p.mlp_tiles > 1 else a * t * h + _mlp_internals(g),
         "dropout mask": mask,
     }
 
@@ -262,7 +228,7 @@ def _layer_forward_peak(g: _Geometry, recompute: str | None) -> int:
     core += items["attention workspace"] + items["attention output"]
     attention = before + core
     if recompute == "full":  # the layer input, residual, fp32 norm output and one MLP tile's locals
-        mlp = items["layer input"] + items["residual + norm"] + 4 * t * h + _mlp_internals(g) // g.p.mlp_tiles
+        mlp = g.res * t * h + items["residual + norm"] + g.res * t * h + _mlp_internals(g) // g.p.mlp_tiles
     else:
         mlp = sum(items.values())
     return max(attention, mlp + a * t * h)  # + the MLP output
@@ -302,24 +268,33 @@ def _layer_backward_extra(g: _Geometry, items: dict) -> int:
     # the QKV projection's backward: its output gradient and its weight gradient
     attn = max(attn, a * t * g.qkv_width + wgrad_scale * h * g.qkv_width)
     after_mlp = items.get("mlp", 0) + items.get("residual + norm", 0) + items.get("dropout mask", 0)
-    dx = 4 * t * h
+    dx = g.res * t * h
     return dx + max(mlp, attn - after_mlp)
 
 
 def _loss(g: _Geometry) -> dict:
     """Final norm, logits and cross-entropy: what is saved, and the forward/backward peaks."""
-    a, t, h, v = g.act, g.t, g.m.hidden_size, g.m.vocab_size
-    saved = 4 * t * h + _norm_saved(g) + 8 * t  # final-norm input and stats, labels
+    a, r, t, h, v = g.act, g.res, g.t, g.m.hidden_size, g.m.vocab_size
+    if g.p.projection_tiles > 1:  # the tiled final norm keeps its input (the last layer's output) only
+        saved = r * t * h + 8 * t
+    else:
+        saved = 4 * t * h + _norm_saved(g) + 8 * t  # final-norm input and stats, labels
     tile = g.p.loss_tile_tokens
     if tile > 0:
         tt = min(tile, t)
-        saved += 4 * t * h + 8 * t  # fp32 hidden states, log-sum-exp and losses
-        # a tile's logits are computed while the previous tile's are still referenced;
-        # logsumexp's [tile, V] temporaries are private to the kernel on CPU
-        two = 2 if t > tt else 1
-        fwd = two * 4 * tt * v + (2 * tt * v if a == 2 else 0) + (8 * tt * v if g.device == "cuda" else 0)
-        # grad hidden and fp32 grad weight, then two tiles' logits or one + the weight product
-        bwd = 4 * t * h + 4 * v * h + max(two * 4 * tt * v, 4 * tt * v + 4 * v * h)
+        saved += r * t * h + 8 * t  # hidden states (the final norm's output), log-sum-exp and losses
+        # the matmul's weight in the compute dtype: a bf16 copy of an fp32 weight, none of FSDP's bf16 one
+        w = 2 * v * h if a == 2 and g.wbytes == 4 else 0
+        # one tile's logits at a time (and their fp32 copy under autocast); logsumexp's [tile, V]
+        # temporaries are private to the kernel on CPU, two fp32 buffers on CUDA
+        fwd = w + 4 * tt * v + (a * tt * v if a == 2 else 0) + (8 * tt * v if g.device == "cuda" else 0)
+        # the hidden states' gradient and the fp32 weight gradient, then one tile's fp32 logits,
+        # their compute-dtype copy and the [V, h] product added into the weight gradient
+        bwd = w + r * t * h + 4 * v * h + 4 * tt * v + (a * tt * v if a == 2 else 0) + a * v * h
+        if g.p.projection_tiles > 1:  # then the tiled final norm's backward: the hidden states' gradient
+            # (in place of the hidden states), the input gradient and one tile's fp32 norm backward
+            # (six [tile, h] buffers)
+            bwd = max(bwd, r * t * h + 6 * 4 * math.ceil(t / g.p.projection_tiles) * h)
         return {"saved": saved, "forward": fwd, "backward": bwd}
     saved += a * t * h  # input of the output projection
     fwd = 4 * t * v + a * t * v + (4 * t * v if a == 2 else 0) + (4 * t * h if a == 2 else 0)
@@ -345,19 +320,6 @@ def _embedding_saved(g: _Geometry) -> int:
     if m.position_embedding_type == "rope":
         out += 2 * 4 * t * m.kv_channels  # cos and sin, shared by every layer
     return out
-
-
-def _states(m: ModelConfig, zero_stage: int, sdp: int, tensors) -> dict:
-    """fp32 parameters, fp32 gradients and Adam's two fp32 moments per rank, at rest."""
-    p = sum(n for _, n, _ in tensors)
-    if zero_stage == 1 and sdp > 1:
-        optim = 8 * zero1_partition_max(tensors, sdp)
-    else:
-        optim = 8 * p / (sdp if zero_stage >= 1 else 1)
-    sharded = zero_stage >= 2
-    return {"parameters": 4 * p / sdp if sharded else 4 * p,
-            "gradients": 4 * p / sdp if sharded else 4 * p,
-            "optimizer state": optim}
 
 
 def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: int = 1,
@@ -394,7 +356,9 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
     half = precision != "fp32"
     act = 2 if half else 4
     g = _Geometry(m=model, p=p, n=seq_length, b=micro_batch_size, sp=sp, ring=ring, act=act,
-                  mask=1 if device == "cuda" else act, device=device)
+                  mask=1 if device == "cuda" else act, device=device,
+                  res=2 if half and not p.fp32_residual_connection else 4,
+                  wbytes=2 if half and zero >= 2 else 4)
     L, h, v = model.num_layers, model.hidden_size, model.vocab_size
     tensors = parameter_tensors(model)
     sdp = sp * data_parallel_size
@@ -402,37 +366,71 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
     static = sum(states.values())
 
     recompute = p.recompute_granularity
+    tiled = p.projection_tiles > 1
     per_layer = {mode: layer_saved(g, mode) for mode in (None, "selective", "full")}
+    if tiled:  # the tiled layer keeps its own set (tiled_memory.py); full recompute keeps its input
+        per_layer[None] = per_layer["selective"] = tiled_memory.saved(g)
     saved = {mode: sum(items.values()) for mode, items in per_layer.items()}
     emb = _embedding_saved(g)
     loss = _loss(g)
-    bwd_x = _layer_backward_extra(g, per_layer[None if recompute == "full" else recompute])
-    stored = emb + L * saved[recompute]
-    # the last layer's backward runs on its full saved set (recomputed under full recompute)
-    full_layer = saved[None] if recompute == "full" else saved[recompute]
-    layer_fwd = _layer_forward_peak(g, recompute)
+    # offload: every layer but the last keeps its saved set in host memory; in backward one
+    # more layer's set is on the device (prefetched), from the moment the prefetch starts
+    offload = p.offload_activations and L > 1
+    on_device = 1 if offload else L
+    stored = emb + on_device * saved[recompute]
+    host = (L - 1) * saved[recompute] if offload else 0
+    prefetched = saved[recompute] if offload else 0
+    others = stored - saved[recompute]  # what the rest of the model holds while one layer runs
+    if tiled:
+        terms = tiled_memory.phase_terms(g, recompute)
+        # a tiled layer asks for the previous layer's tensors after its attention backward
+        for k in ("send gradient", "pre backward"):
+            if prefetched and terms[k]:
+                terms[k]["prefetched input of the next layer (offload)"] = prefetched
+        ph = {k: sum(v.values()) for k, v in terms.items()}
+        fwd_keys = ("pre", "exchange", "attention", "projection", "mlp")
+        fwd_moment = max(fwd_keys, key=ph.get)
+        bwd_moment = max((k for k in ph if k not in fwd_keys), key=ph.get)
+        layer_fwd, layer_bwd = ph[fwd_moment], ph[bwd_moment]
+        layer_terms = {"layer_forward": (fwd_moment, terms[fwd_moment]),
+                       "layer_backward": (bwd_moment, terms[bwd_moment])}
+        bwd_x = layer_bwd - saved[recompute]
+    else:
+        bwd_x = _layer_backward_extra(g, per_layer[None if recompute == "full" else recompute])
+        # the last layer's backward runs on its full saved set (recomputed under full recompute)
+        full_layer = saved[None] if recompute == "full" else saved[recompute]
+        layer_bwd = full_layer + bwd_x + prefetched
+        layer_fwd = _layer_forward_peak(g, recompute) + prefetched
+        layer_terms = {"layer_forward": ("attention", {"the layer's forward working set": layer_fwd}),
+                       "layer_backward": ("backward", {"the layer's saved set": full_layer,
+                                                       "its backward workspace": bwd_x,
+                                                       "prefetched layer (offload)": prefetched})}
 
-    # parameters the step holds beyond its shard: FSDP's gathered fp32 copies, gradient
-    # buffers of one layer before its reduce-scatter, autocast's bf16 copies of weights
+    # parameters the step holds beyond its shard: FSDP's gathered copies (bf16 under half
+    # precision: MixedPrecisionPolicy), gradient buffers of one layer before its reduce-scatter,
+    # autocast's bf16 copies of fp32 weights
     layer_params = sum(n for name, n, _ in tensors if name.startswith("layers.0."))
     root_params = sum(n for name, n, _ in tensors if not name.startswith("layers."))
     total_params = sum(n for _, n, _ in tensors)
     # what autocast casts to bf16: the weights and biases of the four linear layers
     lin_layer = sum(n for name, n, _ in tensors if name.startswith("layers.0.") and "norm" not in name)
+    pb = g.wbytes  # bytes of a gathered parameter
     if zero == 2:
-        gathered = 4 * total_params
+        gathered = pb * total_params
     elif zero == 3:
-        gathered = 4 * (root_params + min(2, L) * layer_params)
+        gathered = pb * (root_params + min(2, L) * layer_params)
     else:
         gathered = 0
-    # FSDP reduce-scatters a layer's gradients after its backward (unsharded gradient +
-    # the flat reduce-scatter input); the root's (embedding/output) wait for the end
-    grad_buffers = 2 * 4 * layer_params if zero >= 2 else 0
-    out_weights = 2 if model.untie_embeddings_and_output_weights else 1
-    root_grads = 4 * out_weights * v * h if zero >= 2 else 0
-    out_copy = 2 * v * h if half and p.loss_tile_tokens == 0 else 0
-    all_copies = 2 * (L * lin_layer + v * h) if half else 0
-    if not half:
+    # FSDP reduce-scatters a layer's gradients after its backward (the unsharded gradient in the
+    # gathered dtype + the fp32 reduce-scatter input); the root's wait for the end: the output
+    # weight's gradient is alive from the loss backward on
+    grad_buffers = (pb + 4) * layer_params if zero >= 2 else 0
+    root_grads = pb * v * h if zero >= 2 else 0
+    # autocast copies fp32 weights; FSDP's bf16 gathers need none
+    copied = half and not (zero >= 2)
+    out_copy = 2 * v * h if copied and p.loss_tile_tokens == 0 else 0
+    all_copies = 2 * (L * lin_layer + v * h) if copied else 0
+    if not copied:
         copies = dict.fromkeys(("forward_end", "loss_backward", "layer_forward", "layer_backward"), 0)
     elif recompute == "full":
         cached = autocast_weight_cache
@@ -446,18 +444,49 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
 
     phases = {
         "forward_end": stored + loss["saved"] + loss["forward"] + copies["forward_end"] + gathered,
-        "loss_backward": stored + loss["saved"] + loss["backward"] + copies["loss_backward"] + gathered
-        + root_grads,
-        "layer_forward": stored - saved[recompute] + layer_fwd + copies["layer_forward"] + gathered,
-        "layer_backward": stored - saved[recompute] + full_layer + bwd_x
-        + copies["layer_backward"] + gathered + grad_buffers + root_grads,
+        # (FSDP has gathered the last layer for its backward; the output weight's gradient appears
+        # when the loss backward ends)
+        "loss_backward": stored + loss["saved"] + loss["backward"] + copies["loss_backward"]
+        + (gathered - pb * layer_params if zero == 3 and L > 1 else gathered),
+        "layer_forward": others + layer_fwd + copies["layer_forward"] + gathered,
+        # the first forward of a layer under full recompute, before the loss (tiled layers)
+        "first_forward": (emb + tiled_memory.first_forward(g) + gathered)
+        if tiled and recompute == "full" else 0,
+        "layer_backward": others + layer_bwd + copies["layer_backward"] + gathered + grad_buffers + root_grads,
     }
+    if not phases["first_forward"]:
+        del phases["first_forward"]
     peak_phase = max(phases, key=phases.get)
     peak = static + phases[peak_phase]
+    # the terms of the peak, largest first: what to shrink to go longer
+    peak_terms = {"parameters (fp32 shard)": states["parameters"], "gradients (fp32 shard)": states["gradients"],
+                  "optimizer state (Adam shard)": states["optimizer state"]}
+    if peak_phase in ("layer_forward", "layer_backward"):
+        moment, layer_items = layer_terms[peak_phase]
+        peak_terms["other layers' saved inputs on the device"] = others
+        peak_terms.update({f"{name} ({moment})": b for name, b in layer_items.items()})
+        if peak_phase == "layer_backward":
+            peak_terms["one layer's unsharded gradients + reduce-scatter input (ZeRO)"] = grad_buffers
+            peak_terms["output weight gradient (ZeRO)"] = root_grads
+    elif peak_phase == "first_forward":
+        peak_terms["a layer's first forward (input, Q/K/V buffers, outputs)"] = phases[peak_phase] - gathered - emb
+        peak_terms["RoPE cos/sin, embedding"] = emb
+    else:
+        peak_terms["saved activations on the device"] = stored
+        peak_terms["logits and loss (saved + one tile)"] = loss["saved"] + loss[
+            "forward" if peak_phase == "forward_end" else "backward"]
+    if peak_phase != "first_forward":
+        peak_terms["gathered parameters (ZeRO)"] = gathered if peak_phase != "loss_backward" else \
+            (gathered - pb * layer_params if zero == 3 and L > 1 else gathered)
+    peak_terms["autocast weight copies"] = copies.get(peak_phase, 0)
+    peak_terms = dict(sorted(((k, v) for k, v in peak_terms.items() if v), key=lambda kv: -kv[1]))
     # softmax statistics (or score matrices) of every layer that keeps them; with full
     # recompute, of the one layer being recomputed
-    attn_ws = per_layer[None]["attention workspace"] if recompute == "full" else \
-        per_layer[recompute]["attention workspace"] * L
+    if tiled:
+        attn_ws = tiled_memory.sizes(g)["LSE"] * (1 if recompute == "full" else L)
+    else:
+        attn_ws = per_layer[None]["attention workspace"] if recompute == "full" else \
+            per_layer[recompute]["attention workspace"] * L
     return {
         "parameters": states["parameters"],
         "gradients": states["gradients"],
@@ -469,18 +498,22 @@ def estimate_memory(model: ModelConfig, seq_length: int, *, micro_batch_size: in
         "activations_no_recompute": emb + L * saved[None],
         "activations_selective_recompute": emb + L * saved["selective"],
         "activations_full_recompute": emb + L * saved["full"],
+        "host_activations": host,
+        "offloaded_per_step": host,
         "logits_loss": loss["saved"] + max(loss["forward"], loss["backward"]),
         "all_to_all_buffers": _all_to_all_buffers(g),
         "attention_workspace": attn_ws,
-        "backward_workspace": bwd_x + (full_layer - saved[recompute]),
+        "backward_workspace": bwd_x,
         "per_layer": per_layer[recompute],
         "phases": {k: static + x for k, x in phases.items()},
         "peak_phase": peak_phase,
+        "peak_terms": peak_terms,
         "peak": peak,
         "peak_above_states": phases[peak_phase],
         "static": static,
         "num_parameters": total_params,
         "tokens_per_rank": g.t,
+        "residual_bytes": g.res,
     }
 
 

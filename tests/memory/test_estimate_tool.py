@@ -111,3 +111,39 @@ def test_granularity():
 def test_flag_errors_name_the_flag(capsys, bad):
     code, _, err = run(capsys, GPT_1_3B + ["--world-size", "4"] + bad)
     assert code == 2 and bad[0] in err
+
+
+def test_longest_llama3_8b_on_one_node_is_at_least_4m_tokens(capsys):
+    """The product question: Llama-3-8B on 8 x 80 GiB with every trick on."""
+    code, out, _ = run(capsys, ["--longest", "--preset", "llama3-8b", "--num-gpus", "8", "--gpu-memory-gb", "80",
+                                "--json"])
+    data = json.loads(out)
+    assert code == 0 and data["seq_length"] >= 4 * 2**20 and data["peak"] <= 78 * GIB
+    assert data["host_per_node"] == 8 * data["host_activations"] > 0
+
+
+def test_reference_alst_table(capsys):
+    code, out, _ = run(capsys, ["--reference", "alst"])
+    assert code == 0 and "arXiv:2506.13996" in out
+    rows = {int(m[1]): (int(m[2].replace(",", "")), int(m[3].replace(",", "")))
+            for m in re.finditer(r"^\| (\d+) \| ([\d,]+) \| ([\d,]+) \|", out, re.M)}
+    assert rows[8][0] == 3_700_000 and rows[32][0] == 15_000_000 and rows[1][0] == 500_000
+    assert rows[8][1] >= 4 * 2**20 and rows[32][1] > rows[8][1]
+
+
+def test_longest_flags_are_a_valid_run(capsys):
+    """The flags --longest prints parse as a pretrain_gpt.py run of that length (same validation)."""
+    from megatron.arguments import parse_args  # noqa: PLC0415
+
+    code, out, _ = run(capsys, ["--longest", "--preset", "llama3-8b", "--num-gpus", "8"])
+    flags = re.search(r"^flags: (.*)$", out, re.M)[1].split()
+    n = int(re.search(r"longest sequence: ([\d,]+) tokens", out)[1].replace(",", ""))
+    model = ("--num-layers 32 --hidden-size 4096 --num-attention-heads 32 --num-query-groups 8 "
+             "--group-query-attention --ffn-hidden-size 14336 --swiglu --normalization RMSNorm "
+             "--use-rotary-position-embeddings --untie-embeddings-and-output-weights --disable-bias-linear "
+             f"--seq-length {n} --max-position-embeddings {n} --lr 1e-4 --train-iters 1 --mock-data "
+             "--vocab-size 128000 --distributed-backend nccl").split()
+    cfg = parse_args(model + flags, world_size=8, padded_vocab_size=128256, check_environment=False)
+    p = cfg.parallel
+    assert (p.zero_stage, p.recompute_granularity, p.offload_activations) == (3, "full", True)
+    assert p.projection_tiles > 1 and p.attention_head_chunks == 4 and cfg.data.seq_length == n

@@ -50,18 +50,18 @@ def make_config(family: str, **kw) -> ModelConfig:
     return ModelConfig.llama(**base)
 
 
-def build(cfg: ModelConfig, state=None, **changes):
+def build(cfg: ModelConfig, state=None, precision: str = "fp32", **changes):
     """The model as a run builds it, without the data-parallel engine (measured alone)."""
     parallel = ParallelConfig(sequence_parallel_size=state.sp_size if state is not None else 1,
                               ring_attention_size=state.ring_size if state is not None else 1, **strategy(changes))
-    return parallelize_gpt(GPTModel(cfg), state, parallel, data_parallel=False).train()
+    return parallelize_gpt(GPTModel(cfg), state, parallel, data_parallel=False, precision=precision).train()
 
 
 def measure_step_peak(cfg: ModelConfig, seq_length: int, state=None, bf16: bool = False,
                       micro_batch: int = 1, **changes) -> int:
     """Peak live tensor bytes of one forward + backward on this rank's shard."""
     torch.manual_seed(0)
-    model = build(cfg, state, **changes)
+    model = build(cfg, state, precision="bf16" if bf16 else "fp32", **changes)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # persistent gradient buffers, as under DDP
     sp = state.sp_size if state is not None else 1
@@ -201,7 +201,7 @@ def test_estimate_responds_to_the_memory_levers():
     tiled = est(base, recompute_granularity="full", loss_tile_tokens=1024, sequence_parallel_size=4)
     assert full["activations"] < plain["activations"] / 8
     assert full["activations"] == plain["activations_full_recompute"]
-    assert tiled["logits_loss"] < full["logits_loss"] / 4
+    assert tiled["logits_loss"] < full["logits_loss"] / 3  # (+ the bf16 copy of the fp32 output weight)
     assert est(base, sequence_parallel_size=8)["activations"] < plain["activations"] * 0.51
     z3 = est(base, sequence_parallel_size=4, zero_stage=3)
     assert z3["parameters"] == plain["parameters"] / 4 and z3["optimizer_state"] == plain["optimizer_state"] / 4
@@ -222,7 +222,7 @@ def measure_layer_saved(cfg: ModelConfig, seq_length: int, state=None, bf16: boo
     live = []
     for layers in (1, 2):
         torch.manual_seed(0)
-        model = build(cfg.replace(num_layers=layers), state, **changes)
+        model = build(cfg.replace(num_layers=layers), state, precision="bf16" if bf16 else "fp32", **changes)
         sp = state.sp_size if state is not None else 1
         rank = state.sp_rank if state is not None else 0
         local = seq_length // sp
@@ -288,10 +288,13 @@ def _autocast_cache_bytes(stage):
     state = ps.initialize_model_parallel(sequence_parallel_size=1)
     cfg = make_config("gpt3", vocab_size=256, num_layers=3)
     torch.manual_seed(0)
-    model = parallelize_gpt(GPTModel(cfg), state, ParallelConfig(zero_stage=stage, recompute_granularity="full"))
+    model = parallelize_gpt(GPTModel(cfg), state, ParallelConfig(zero_stage=stage, recompute_granularity="full"),
+                            precision="bf16")
     tokens = torch.randint(0, cfg.vocab_size, (1, 32))
     for _ in range(2):  # FSDP allocates lazily in the first step, DDP rebuilds its buckets in the second
-        model(tokens, labels=tokens).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            per_token = model(tokens, labels=tokens)
+        per_token.sum().backward()
         model.zero_grad(set_to_none=True)
     live = {}
     for cache in (True, False):
@@ -308,7 +311,8 @@ def _autocast_cache_bytes(stage):
 @pytest.mark.parametrize("stage", [0, 3])
 def test_autocast_cache_keeps_a_bf16_copy_of_every_weight_until_forward_ends(ranks, stage):
     """Why the estimate's `weight_copies` holds all layers at the end of the forward under full
-    recompute, unsharded even with ZeRO-3 (FSDP2's gathered weights are cached too)."""
+    recompute with fp32 weights (DDP), and nothing under ZeRO-3: FSDP2 gathers bf16 weights,
+    which autocast has no reason to copy."""
     cfg = make_config("gpt3", vocab_size=256, num_layers=3)
     lin = linear_parameters_per_layer(cfg)
     est = estimate_memory(cfg, 64, data_parallel_size=2, zero_stage=stage, precision="bf16", device="cpu",
@@ -317,5 +321,8 @@ def test_autocast_cache_keeps_a_bf16_copy_of_every_weight_until_forward_ends(ran
                                autocast_weight_cache=False, recompute_granularity="full")
     measured = min(ranks(2, _autocast_cache_bytes, stage))
     predicted = est["phases"]["forward_end"] - no_cache["phases"]["forward_end"]
+    if stage == 3:
+        assert predicted == 0 and measured == 0, (measured, predicted)
+        return
     assert predicted == 2 * cfg.num_layers * lin  # bf16 weights and biases of every layer
     assert abs(measured - predicted) <= 0.02 * predicted, (measured, predicted)

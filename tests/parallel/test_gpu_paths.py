@@ -113,14 +113,15 @@ def test_ddp_is_given_only_arguments_torch_2_5_knows(ranks):
     assert set(DDP_KWARGS) <= set(inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters)
 
 
-def _fsdp_bf16_dtypes():
+def _fsdp_bf16_dtypes(fp32_residual: bool):
     from megatron.parallel import parallelize_gpt
 
     state = ps.initialize_model_parallel(sequence_parallel_size=1)
     cfg = ModelConfig.gpt3(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
                            max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
-    model = parallelize_gpt(GPTModel(cfg), state, ParallelConfig(zero_stage=3), precision="bf16")
+    model = parallelize_gpt(GPTModel(cfg), state, ParallelConfig(zero_stage=3, fp32_residual_connection=fp32_residual),
+                            precision="bf16")
     seen = {}
     layer = model.layers[0]
     layer.attention.qkv.register_forward_pre_hook(
@@ -136,10 +137,15 @@ def _fsdp_bf16_dtypes():
     return {k: str(v) for k, v in seen.items()}
 
 
-def test_fsdp_gathers_bf16_keeps_fp32_masters_and_residual(ranks):
-    for seen in ranks(2, _fsdp_bf16_dtypes):
-        assert seen == {"weight": "torch.bfloat16", "input": "torch.float32", "residual": "torch.float32",
-                        "master": "torch.float32", "grad": "torch.float32"}, seen
+def test_fsdp_gathers_bf16_keeps_fp32_masters(ranks):
+    """Under --bf16 FSDP2 gathers bf16 weights over fp32 masters and reduces fp32 gradients; the
+    residual stream is bf16 as in Megatron (half the activation memory of the longest runs), fp32
+    with --fp32-residual-connection."""
+    for fp32_residual in (False, True):
+        res = "torch.float32" if fp32_residual else "torch.bfloat16"
+        for seen in ranks(2, _fsdp_bf16_dtypes, fp32_residual):
+            assert seen == {"weight": "torch.bfloat16", "input": res, "residual": res,
+                            "master": "torch.float32", "grad": "torch.float32"}, seen
 
 
 def test_tiled_loss_backward_matches_untiled_under_autocast():
