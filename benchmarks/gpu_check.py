@@ -9,7 +9,14 @@ On one CUDA GPU, in well under 8 minutes, it prints a table and exits non-zero o
    bf16 tolerance; tokens/s and MFU against the GPU's data-sheet peak are reported;
 2. memory: the planner (megatron.planning.memory_estimate) against the run's
    `torch.cuda.max_memory_allocated`, within 15 %;
-3. the Triton kernel, forward and backward, against SDPA at head dims 64/96/128 in bf16 and fp16.
+3. the Triton kernel, forward and backward, against SDPA at head dims 64/96/128 in bf16 and fp16;
+4. the longest sequence: benchmarks/long_context_gpu_check.py plans the longest sequence a
+   1.3B-shape model fits on this one device with every memory trick on (bf16 residual, tiled
+   layers, head-chunked attention, tiled loss, full recompute with the layer inputs offloaded
+   to pinned host memory), trains one step at the longest length whose step should take about
+   GPU_CHECK_LONG_SECONDS (default 150; 0 runs the full planned length, which takes many minutes
+   since attention is quadratic) and compares the planner with `torch.cuda.max_memory_allocated`
+   (within 15 %) and the offloader's host bytes with the planned ones.
 
 `--dry` runs the same code end to end on CPU at tiny sizes (fp32, gloo, the Triton kernel
 under its interpreter) so that the script is exercised by the test suite; its numbers say
@@ -136,6 +143,29 @@ def triton_vs_sdpa(dry: bool) -> list[dict]:
     return [{"error": (proc.stdout[-1500:] + proc.stderr[-1500:]).strip()}]
 
 
+def _long_context_run(args: list) -> dict:
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "long_context_gpu_check.py"), "--json", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stdout[-1500:] + proc.stderr[-1500:]).strip()}
+    return json.loads(lines[-1])
+
+
+def long_context(dry: bool) -> dict:
+    """benchmarks/long_context_gpu_check.py in its own process (a clean allocator); its JSON report.
+    Dry: the plan for an 80 GiB GPU, and the step's code run on CPU at a tiny size (`cpu_smoke`)."""
+    if not dry:
+        seconds = float(os.environ.get("GPU_CHECK_LONG_SECONDS", "150"))
+        return _long_context_run(["--max-step-seconds", str(seconds)] if seconds > 0 else [])
+    report = _long_context_run(["--dry-run", "--gpu-memory-gb", "80", "--host-memory-gb", "107"])
+    smoke = _long_context_run(["--cpu-smoke"])
+    if "error" in smoke:
+        return smoke
+    report["cpu_smoke"] = smoke
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry", action="store_true", help="CPU, tiny sizes: exercise the script, measure nothing")
@@ -183,6 +213,21 @@ def main(argv=None) -> int:
         elif row["max_rel_err"] > {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}[row["dtype"]]:
             failures.append(f"triton vs sdpa at head dim {row['head_dim']} {row['dtype']}: {row['max_rel_err']:.2e}")
 
+    # 4: the longest sequence on one device
+    lc = results["long_context"] = long_context(args.dry)
+    if "error" in lc:
+        failures.append(f"long-context check failed:\n{lc['error']}")
+    elif not lc.get("longest_planned"):
+        failures.append("long-context check: the planner fits no sequence on this device")
+    elif not args.dry:
+        if abs(lc["planned_over_measured"] - 1) > MEMORY_TOLERANCE:
+            failures.append(f"long context at {lc['seq_length']:,} tokens: planned {lc['planned_peak'] / 2**30:.2f} GiB "
+                            f"vs max_memory_allocated {lc['max_memory_allocated'] / 2**30:.2f} GiB")
+        off = lc.get("offload") or {}
+        if off and abs(off["host_peak"] - lc["planned_host_bytes"]) > MEMORY_TOLERANCE * lc["planned_host_bytes"]:
+            failures.append(f"long context: offloaded {off['host_peak'] / 2**30:.2f} GiB to host vs planned "
+                            f"{lc['planned_host_bytes'] / 2**30:.2f} GiB")
+
     shape = ok_runs[0]["shape"] if ok_runs else {}
     print(f"\ntraining: {shape.get('layers')} layers x hidden {shape.get('hidden')}, {shape.get('heads')} heads, "
           f"seq {shape.get('seq')}, SP 1, full recompute, {precision}")
@@ -200,6 +245,16 @@ def main(argv=None) -> int:
     for row in results["triton"]:
         if "error" not in row:
             print(f"| {row['head_dim']} | {row['dtype']} | {row['max_rel_err']:.2e} |")
+    if "error" not in lc:
+        print(f"\nlongest sequence, {lc['preset']} on one GPU of {lc['gpu_memory_gb']:.0f} GiB (host memory for offload "
+              f"{lc['host_memory_gb']:.0f} GiB): planned longest {lc['longest_planned']:,} tokens")
+        if "max_memory_allocated" in lc:
+            off = lc.get("offload") or {}
+            print("| tokens run | planned GiB | max_memory_allocated GiB | planned / measured | host GiB (offloaded / "
+                  "planned) | step s |\n|---|---|---|---|---|---|")
+            print(f"| {lc['seq_length']:,} | {lc['planned_peak'] / 2**30:.2f} | {lc['max_memory_allocated'] / 2**30:.2f} "
+                  f"| {lc['planned_over_measured']:.3f} | {off.get('host_peak', 0) / 2**30:.2f} / "
+                  f"{lc['planned_host_bytes'] / 2**30:.2f} | {lc['seconds']:.1f} |")
     path = args.json or (os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") else None)
     if path:
         with open(path, "w") as f:

@@ -13,6 +13,12 @@ Parameters, gradients and Adam's two moments are fp32 tensors of the model's siz
 GPU (the state after a first optimizer step), as the planner assumes; no optimizer step
 runs. `--dry-run` prints the plan only (no GPU needed).
 
+Attention is quadratic: at the longest length one step of the 1.3B shape takes many minutes.
+`--max-step-seconds S` runs the longest length whose step the model-FLOP count says finishes in
+about S seconds at `--assumed-mfu` of the device's peak (still with every trick on, so the
+planner is checked against the allocator at that length); the longest planned length for the
+whole device is printed and reported either way. scripts/gpu_check.sh uses this.
+
     python benchmarks/long_context_gpu_check.py            # on a GPU machine
     python benchmarks/long_context_gpu_check.py --dry-run --gpu-memory-gb 80
 """
@@ -30,6 +36,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from megatron.planning.flops import device_peak_tflops, flops_per_step  # noqa: E402
 from megatron.planning.long_context import PRESETS, describe_strategy, longest_sequence, plan  # noqa: E402
 from megatron.planning.memory_estimate import GIB  # noqa: E402
 
@@ -37,10 +44,12 @@ ONE_GPU = {"zero_stage": 0}  # no process group: the model's own fp32 weights, a
 
 
 def run_step(model_cfg, seq: int, parallel, device: torch.device) -> dict:
-    """One forward + backward at `seq` tokens; peak allocated bytes and the offloader's statistics."""
+    """One forward + backward at `seq` tokens; peak allocated bytes (CUDA) and the offloader's
+    statistics. On CPU (`--cpu-smoke`) the same code runs at a tiny size and measures no memory."""
     from megatron.model import GPTModel  # noqa: PLC0415
     from megatron.parallel import parallelize_gpt  # noqa: PLC0415
 
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     with torch.device("meta"):
         model = GPTModel(model_cfg)
@@ -52,20 +61,36 @@ def run_step(model_cfg, seq: int, parallel, device: torch.device) -> dict:
     g = torch.Generator(device=device).manual_seed(1)
     tokens = torch.randint(0, model_cfg.vocab_size, (1, seq), device=device, generator=g)
     labels = torch.randint(0, model_cfg.vocab_size, (1, seq), device=device, generator=g)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    static = torch.cuda.memory_allocated(device)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    static = torch.cuda.memory_allocated(device) if cuda else None
     t0 = time.perf_counter()
-    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
         loss = model(tokens, labels=labels)
     loss.float().mean().backward()
-    torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    out = {"max_memory_allocated": torch.cuda.max_memory_allocated(device), "static": static,
-           "max_memory_reserved": torch.cuda.max_memory_reserved(device), "seconds": seconds,
+    out = {"max_memory_allocated": torch.cuda.max_memory_allocated(device) if cuda else None, "static": static,
+           "max_memory_reserved": torch.cuda.max_memory_reserved(device) if cuda else None, "seconds": seconds,
+           "loss": float(loss.detach().float().mean()),
            "offload": model.activation_offloader.stats() if hasattr(model, "activation_offloader") else None}
     del loss, adam
     return out
+
+
+def longest_within_seconds(model_cfg, longest: int, seconds: float, peak_tflops: float, mfu: float) -> int:
+    """The longest N <= `longest` (a multiple of 1024) whose step, counted as model FLOPs plus one
+    recomputed forward (full recompute), takes at most `seconds` at `mfu` of `peak_tflops`."""
+    def step_seconds(n: int) -> float:
+        return flops_per_step(model_cfg, n, 1) * 4 / 3 / (peak_tflops * 1e12 * mfu)
+
+    lo, hi = 0, longest // 1024
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if step_seconds(mid * 1024) <= seconds else (lo, mid - 1)
+    return min(longest, lo * 1024) if lo else min(longest, 1024)
 
 
 def main(argv=None) -> int:
@@ -76,10 +101,21 @@ def main(argv=None) -> int:
     ap.add_argument("--host-memory-gb", type=float,
                     help="host memory the offloaded layer inputs may take (default: 60 %% of this machine's RAM)")
     ap.add_argument("--seq-length", type=int, help="run this length instead of the longest planned")
+    ap.add_argument("--max-step-seconds", type=float,
+                    help="run the longest length whose step should take at most this long (see above)")
+    ap.add_argument("--assumed-mfu", type=float, default=0.4, help="for --max-step-seconds (default 0.4)")
     ap.add_argument("--dry-run", action="store_true", help="plan only")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="run the step code on CPU for a 2-layer, hidden-64 version of the preset at 512 tokens "
+                         "(what the test suite exercises; measures nothing)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     model = PRESETS[args.preset]()
+    if args.cpu_smoke:
+        model = model.replace(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, kv_channels=16,
+                              ffn_hidden_size=256,
+                              vocab_size=512, max_position_embeddings=512)
+        args.gpu_memory_gb, args.seq_length = args.gpu_memory_gb or 4.0, args.seq_length or 512
     if args.gpu_memory_gb is None:
         if not torch.cuda.is_available():
             ap.error("no CUDA device: pass --gpu-memory-gb (with --dry-run)")
@@ -89,7 +125,12 @@ def main(argv=None) -> int:
         args.host_memory_gb = 0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     longest, est = longest_sequence(model, 1, budget, host_budget_bytes=args.host_memory_gb * GIB, **ONE_GPU)
     seq = args.seq_length or longest
-    est = plan(model, seq, 1, **ONE_GPU) if seq else None
+    if args.max_step_seconds and seq and not args.seq_length:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+        peak = device_peak_tflops(name, "bf16") or 300.0  # an unknown device: an A100-class guess
+        seq = longest_within_seconds(model, longest, args.max_step_seconds, peak, args.assumed_mfu)
+    tiles = dict(projection_tiles=4, mlp_tiles=4, loss_tile_tokens=128) if args.cpu_smoke else {}  # tiled paths run
+    est = plan(model, seq, 1, **ONE_GPU, **tiles) if seq else None
     report = {"preset": args.preset, "gpu_memory_gb": args.gpu_memory_gb, "budget_bytes": budget,
               "host_memory_gb": args.host_memory_gb,
               "longest_planned": longest, "seq_length": seq,
@@ -107,8 +148,15 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(report))
         return 0
-    measured = run_step(model, seq, est["parallel"], torch.device("cuda", torch.cuda.current_device()))
+    device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", torch.cuda.current_device())
+    measured = run_step(model, seq, est["parallel"], device)
     report.update(measured)
+    if args.cpu_smoke:
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print(f"CPU smoke run at {seq} tokens: loss {measured['loss']:.4f}, offload {measured['offload']}")
+        return 0
     report["planned_over_measured"] = est["peak"] / measured["max_memory_allocated"]
     if args.json:
         print(json.dumps(report))

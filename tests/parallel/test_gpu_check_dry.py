@@ -18,3 +18,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert [r["backend"] for r in result["training"]] == ["sdpa", "classic"]
     assert all(r["ok"] and len(r["losses"]) == 4 for r in result["training"])
     assert result["triton"][0]["max_rel_err"] < 1e-4
+    lc = result["long_context"]  # the 1.3B shape's longest planned on 80 GiB, the step code run tiny on CPU
+    assert lc["longest_planned"] > 1_000_000 and lc["planned_peak"] <= 78 * 2**30
+    smoke = lc["cpu_smoke"]
+    assert smoke["offload"]["bytes_offloaded"] > 0 and smoke["offload"]["bytes_fetched_on_demand"] == 0
+    assert 5 < smoke["loss"] < 7  # about ln(512) = 6.24 at init
