@@ -22,8 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
-
-from megatron.initialize import free_port
+from torch.distributed import TCPStore
 
 _CTX = mp.get_context("forkserver")
 # what every rank imports anyway; a module that fails to import is skipped by the server
@@ -41,8 +40,9 @@ def _worker(rank: int, world: int, port: int, tasks, results) -> None:
 
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    timeout = datetime.timedelta(seconds=60)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     results.put((rank, "ready", None))
     while True:
         item = tasks.get()
@@ -66,7 +66,11 @@ def _worker(rank: int, world: int, port: int, tasks, results) -> None:
 class RankPool:
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        port = free_port()
+        # The rendezvous store is served from this process on a port the kernel picks: a port
+        # chosen here and bound later by rank 0 could be taken in between by anything else on
+        # the machine (another test session), which killed rank 0 with EADDRINUSE.
+        self._store = TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+        port = self._store.port
         self._tasks = [_CTX.Queue() for _ in range(world_size)]
         self._results = _CTX.Queue()
         self._procs = [
@@ -81,15 +85,18 @@ class RankPool:
     def _collect(self, expect: str) -> list[Any]:
         out: list[Any] = [None] * self.world_size
         errors: dict[int, str] = {}
+        deadline = time.monotonic() + CALL_TIMEOUT_S
         for _ in range(self.world_size):
-            try:
-                rank, status, payload = self._results.get(timeout=CALL_TIMEOUT_S)
-            except queue.Empty:
-                self.broken = True
-                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
-                raise TimeoutError(
-                    f"ranks did not answer within {CALL_TIMEOUT_S}s (dead ranks: {dead}); "
-                    f"errors so far: {errors}") from None
+            while True:  # a rank that died (a crash, an OOM kill) ends the wait at once, not at the timeout
+                try:
+                    rank, status, payload = self._results.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                    if dead or time.monotonic() > deadline:
+                        self.broken = True
+                        what = f"ranks {dead} died" if dead else f"ranks did not answer within {CALL_TIMEOUT_S}s"
+                        raise TimeoutError(f"{what} (waiting for {expect!r}); errors so far: {errors}") from None
             if status == "error":
                 errors[rank] = payload
                 # the other ranks are likely stuck in a collective: do not wait for them
@@ -129,6 +136,7 @@ class RankPool:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+        self._store = None  # the rendezvous server goes with its ranks
 
 
 _POOLS: dict[int, RankPool] = {}
