@@ -209,12 +209,24 @@ class CpuTime:
         tr.write_line(f"cputime: session {cpu:.1f} cpu s, {wall:.1f} wall s "
                       f"(sum of phases {sum(r['cpu'] for r in self.rows):.1f} cpu s), "
                       f"{len(self.tracker.pythons)} python processes started")
-        if self.csv:
-            with open(self.csv, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(self.rows[0]) if self.rows else ["test"])
-                w.writeheader()
-                w.writerows(self.rows)
-                w.writerow(dict(test="<session>", phase="all", wall=round(wall, 3), cpu=round(cpu, 3)))
+        self._write_csv(wall, cpu)
+
+    def _write_csv(self, wall: float, cpu: float) -> None:
+        if not self.csv:
+            return
+        worker = os.environ.get("PYTEST_XDIST_WORKER")  # under xdist each worker writes its own file
+        path = f"{self.csv}.{worker}" if worker else self.csv
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["test", "phase", "wall", "cpu", "peak_procs", "peak_threads",
+                                              "pythons_started"])
+            w.writeheader()
+            w.writerows(self.rows)
+            w.writerow(dict(test="<session>", phase="all", wall=round(wall, 3), cpu=round(cpu, 3)))
+
+    def pytest_sessionfinish(self, session):
+        if os.environ.get("PYTEST_XDIST_WORKER"):  # workers have no terminal summary
+            self.stop.set()
+            self._write_csv(time.monotonic() - self.t0, self._delta(self.cpu0))
 
 
 def pytest_addoption(parser):
