@@ -70,7 +70,14 @@ else
     # their iteration, save and exit 0; torchrun itself would kill them and exit 1. Only newer
     # torchrun has --signals-to-handle; an older one passes SIGTERM on to the ranks when it
     # shuts down (they still save) and then exits non-zero.
-    if $TORCHRUN --help 2>/dev/null | grep -q -- "--signals-to-handle"; then
+    if [[ "$TORCHRUN" == "$PYTHON $ROOT/examples_seq_parallel/_torchrun.py" ]]; then
+      # torch's own torchrun: read its source instead of importing torch for --help (~2 CPU-s a node)
+      TORCH_DIR=$("$PYTHON" -c 'import importlib.util as u; s = u.find_spec("torch"); print(s.submodule_search_locations[0] if s else "")')
+      TORCHRUN_HELP=$(cat "$TORCH_DIR/distributed/run.py" 2>/dev/null || true)
+    else
+      TORCHRUN_HELP=$($TORCHRUN --help 2>/dev/null || true)
+    fi
+    if [[ "$TORCHRUN_HELP" == *--signals-to-handle* ]]; then
       LAUNCH+=(--signals-to-handle SIGINT,SIGHUP,SIGQUIT)
       trap '' TERM
     else

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.multinode.cluster import ClusterUnavailable, Slurm, TwoHosts, install_slurm
+from tests.multinode.runs import reference_losses
 
 
 def _unavailable(msg: str) -> None:
@@ -69,3 +70,9 @@ def slurm(two_hosts):
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(ranks, tmp_path_factory):
+    """{sp: {iteration: loss}} of the tiny job on one host with 4 ranks (runs.py), once per session."""
+    return reference_losses(ranks, tmp_path_factory.mktemp("multinode-reference"))

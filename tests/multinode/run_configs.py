@@ -1,9 +1,9 @@
-"""Run pretrain_gpt.main() for several flag sets in ONE torchrun job (the single-host references).
+"""Run pretrain_gpt.main() for several flag sets in ONE torchrun job (the two-host SP cases).
 
-    torchrun --standalone --nproc-per-node 4 tests/multinode/run_configs.py CONFIGS.json
+    torchrun --nnodes 2 --nproc-per-node 2 ... tests/multinode/run_configs.py CONFIGS.json
 
-CONFIGS.json is a list of argv lists. Starting 4 ranks costs ~10 s on 2 cores; the
-references of every case share one start (pretrain_gpt.main reuses the process group).
+CONFIGS.json is a list of argv lists. Starting a 2 x 2-rank job costs ~25 CPU-seconds on 2
+cores; every case shares one start (pretrain_gpt.main reuses the process group).
 """
 
 import json

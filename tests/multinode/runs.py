@@ -1,10 +1,12 @@
 """The tiny pretraining job the multi-node tests run, its reference, and loss comparison.
 
-The reference is the same flags on ONE host with the same world size (4 ranks, torchrun
---standalone on node1's loopback): layout, seeds and reduction order then match, so fp32
-losses must agree to rounding (relative error < 1e-5). The references of SP 2 and SP 4
-are computed together in one torchrun job, once per session, so the two-host, Slurm,
-preemption and node-failure tests all compare against the same runs.
+The reference is the same flags on ONE host with the same world size: the session's pool
+of 4 gloo ranks on loopback (tests/dist_harness.py, already started by the other
+multi-rank tests), where `pretrain_gpt.main` reuses the pool's process group. Layout,
+seeds and reduction order then match, so fp32 losses must agree to rounding (relative
+error < 1e-5). The references of SP 2 and SP 4 are computed together, once per session
+(the `reference` fixture), so the two-host, Slurm, preemption and node-failure tests all
+compare against the same runs.
 
 Dropout is 0: a resumed run restarts the dropout RNG streams (checkpoints hold no RNG
 state yet), so with dropout the curve after a resume would differ from an uninterrupted one.
@@ -14,8 +16,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from tests.multinode import cluster as C
 
 ITERS = 16  # enough that a SIGTERM sent after iteration 2 lands before the end
 SP_CASES = (2, 4)
@@ -30,7 +30,6 @@ TINY = [
     "--distributed-backend", "gloo", "--seed", "1234",
 ]
 RTOL = 1e-5
-_REFERENCE: dict[int, dict[int, float]] = {}
 
 
 def num_lines(path: Path) -> int:
@@ -54,20 +53,22 @@ def assert_same_losses(got: dict[int, float], want: dict[int, float], rtol: floa
     assert not bad, f"losses differ from the single-host reference beyond rel {rtol}: {bad}"
 
 
-def reference_losses(hosts: C.TwoHosts, sp: int) -> dict[int, float]:
-    """Losses of the same job on one host with 4 ranks (all SP cases computed on first use)."""
-    if not _REFERENCE:
-        tag = "reference"
-        logs = {s: hosts.workdir / f"{tag}-sp{s}.jsonl" for s in SP_CASES}
-        configs = hosts.workdir / f"{tag}.json"
-        configs.write_text(json.dumps([[*TINY, "--ds-sequence-parallel-size", str(s), "--log-json", str(logs[s])]
-                                       for s in SP_CASES]))
-        node1 = hosts.hosts[0]
-        argv = [str(C.REPO / ".venv/bin/python"), "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "4", str(C.REPO / "tests/multinode/run_configs.py"), str(configs)]
-        p = node1.popen(argv, hosts.log(tag, node1), env=C.job_env())
-        assert C.wait_all([p], timeout=150) == [0], hosts.tail(tag)
-        for s in SP_CASES:
-            _REFERENCE[s] = read_losses(logs[s])
-            assert sorted(_REFERENCE[s]) == list(range(1, ITERS + 1)), hosts.tail(tag)
-    return _REFERENCE[sp]
+def _run_on_rank(configs: list[list[str]]) -> None:
+    """On every rank of a pool: pretrain_gpt.main for each flag set (the pool's process group is reused)."""
+    import pretrain_gpt
+
+    for argv in configs:
+        code = pretrain_gpt.main(argv)
+        assert code == 0, f"pretrain_gpt.main returned {code} for {' '.join(argv)}"
+
+
+def reference_losses(ranks, workdir: Path) -> dict[int, dict[int, float]]:
+    """{sp: {iteration: loss}}: the same job on one host with 4 ranks, every SP case."""
+    logs = {s: Path(workdir) / f"reference-sp{s}.jsonl" for s in SP_CASES}
+    ranks(4, _run_on_rank, [[*TINY, "--ds-sequence-parallel-size", str(s), "--log-json", str(logs[s])]
+                            for s in SP_CASES])
+    out = {}
+    for s in SP_CASES:
+        out[s] = read_losses(logs[s])
+        assert sorted(out[s]) == list(range(1, ITERS + 1)), f"reference SP {s}: {sorted(out[s])}"
+    return out

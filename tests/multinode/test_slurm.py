@@ -8,8 +8,8 @@ Losses are compared with the single-host 4-rank reference of runs.py (equal to t
 torchrun two-host run by test_two_hosts.py).
 
 Runtime on 2 cores shared with other work (load ~5): ~46 s: Slurm up ~1.5 s, the two-node
-job ~20 s, the single-host references ~22 s (computed once per session), the fresh-clone
-dry run ~1 s; preemption adds two jobs (~40 s) once it runs.
+job ~20 s, the single-host references ~3 s (once per session, on the rank pool), the
+fresh-clone dry run ~1 s; preemption adds two jobs (~40 s) once it runs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.multinode import cluster as C
-from tests.multinode.runs import ITERS, TINY, assert_same_losses, num_lines, read_losses, reference_losses
+from tests.multinode.runs import ITERS, TINY, assert_same_losses, num_lines, read_losses
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def _job_output(path: Path, tail: int = 6000) -> str:
     return C.digest(path.read_text(errors="replace"), tail) if path.exists() else f"(no {path})"
 
 
-def test_sbatch_two_nodes_matches_torchrun(slurm):
+def test_sbatch_two_nodes_matches_torchrun(slurm, reference):
     """sbatch --nodes=2 of the project's batch script completes; losses equal the reference."""
     log = slurm.cluster.workdir / "slurm-run.jsonl"
     job, out = _submit(slurm, "slurm-run", ["--log-json", str(log)])
@@ -63,7 +63,7 @@ def test_sbatch_two_nodes_matches_torchrun(slurm):
     assert info["NodeList"] == "node[1-2]"
     text = out.read_text()
     assert "--rdzv-endpoint node1:" in text and f"sp={SP}" in text, text[:3000]
-    assert_same_losses(read_losses(log), reference_losses(slurm.cluster, SP))
+    assert_same_losses(read_losses(log), reference[SP])
 
 
 def _wait_for_iteration(log: Path, it: int, timeout: float, job_out: Path) -> None:
@@ -75,7 +75,7 @@ def _wait_for_iteration(log: Path, it: int, timeout: float, job_out: Path) -> No
 
 
 @needs_signal_handler
-def test_preemption_sigterm_checkpoint_and_resume(slurm):
+def test_preemption_sigterm_checkpoint_and_resume(slurm, reference):
     """scancel --signal=TERM mid-run: checkpoint + clean exit; resubmitting resumes; losses as uninterrupted."""
     work = slurm.cluster.workdir
     log, ckpt = work / "preempt.jsonl", work / "preempt-ckpt"
@@ -100,7 +100,7 @@ def test_preemption_sigterm_checkpoint_and_resume(slurm):
     info2 = slurm.wait_job(job2, timeout=150)
     assert info2["JobState"] == "COMPLETED", f"{info2}\n{_job_output(out2)}"
     assert sorted(read_losses(log, skip_lines=before)) == list(range(saved + 1, ITERS + 1)), _job_output(out2)
-    assert_same_losses(read_losses(log), reference_losses(slurm.cluster, SP))
+    assert_same_losses(read_losses(log), reference[SP])
 
 
 def test_first_submission_from_a_fresh_clone(slurm, tmp_path):

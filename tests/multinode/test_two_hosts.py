@@ -1,9 +1,9 @@
 """Two emulated hosts: the fixture itself, then pretrain_gpt.py across them with torchrun.
 
-Runtime on 2 cores shared with other work (load ~5): ~110 s, ~70 CPU-seconds: toy job ~11 s,
-each pretraining case ~20 s (plus ~22 s once for the single-host references of both cases,
-when test_slurm.py has not computed them), node failure ~56 s (a run up to its first
-checkpoint, the 15 s process-group timeout, a relaunch).
+Runtime on 2 cores shared with other work: ~100 CPU-seconds, ~2 minutes: toy job ~10 s,
+both pretraining cases in ONE two-host job ~20 s (6 processes start once, not twice), the
+single-host references ~3 s once per session on the rank pool, node failure ~60 s (a run up
+to its first checkpoint, the 15 s process-group timeout, a relaunch).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.multinode import cluster as C
-from tests.multinode.runs import ITERS, TINY, assert_same_losses, num_lines, read_losses, reference_losses
+from tests.multinode.runs import ITERS, SP_CASES, TINY, assert_same_losses, num_lines, read_losses
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MINUTES = 0.25  # --distributed-timeout-minutes of the node-failure run
@@ -76,19 +76,33 @@ def _dead_pid() -> int:
     return p.pid
 
 
-@pytest.mark.parametrize("sp", [2, 4], ids=["sp2_in_host_x_dp2_across", "sp4_across_hosts"])
-def test_pretrain_two_hosts_matches_single_host(two_hosts, sp):
+@pytest.fixture(scope="module")
+def two_host_runs(two_hosts):
+    """Both SP cases in ONE torchrun job across the hosts (run_configs.py calls pretrain_gpt.main for
+    each on the job's process group): a 2 x 2-rank job starts 6 processes that import torch
+    (~25 CPU-seconds here), so the two layouts share one start. Returns (exit codes, logs by SP)."""
+    logs = {sp: two_hosts.workdir / f"pretrain-sp{sp}.jsonl" for sp in SP_CASES}
+    configs = two_hosts.workdir / "pretrain.json"
+    configs.write_text(json.dumps([[*TINY, "--ds-sequence-parallel-size", str(sp), "--log-json", str(logs[sp])]
+                                   for sp in SP_CASES]))
+    procs = two_hosts.torchrun([str(C.REPO / "tests/multinode/run_configs.py"), str(configs)], "pretrain")
+    return C.wait_all(procs, timeout=180), logs
+
+
+@pytest.mark.parametrize("sp", SP_CASES, ids=["sp2_in_host_x_dp2_across", "sp4_across_hosts"])
+def test_pretrain_two_hosts_matches_single_host(two_hosts, two_host_runs, reference, sp):
     """torchrun --nnodes 2 --nproc-per-node 2 on each host == one host with 4 ranks (fp32, rel < 1e-5)."""
-    log = two_hosts.workdir / f"pretrain-sp{sp}.jsonl"
-    args = [str(C.REPO / "pretrain_gpt.py"), *TINY, "--ds-sequence-parallel-size", str(sp), "--log-json", str(log)]
-    procs = two_hosts.torchrun(args, f"pretrain-sp{sp}")
-    assert C.wait_all(procs, timeout=120) == [0, 0], two_hosts.tail(f"pretrain-sp{sp}")
-    text = two_hosts.tail(f"pretrain-sp{sp}", n=10**6)
+    codes, logs = two_host_runs
+    assert codes == [0, 0], two_hosts.tail("pretrain")
+    events = [json.loads(line) for line in logs[sp].read_text().splitlines()]
+    config = next(e for e in events if e["event"] == "config")
+    assert (config["world_size"], config["sp"], config["dp"]) == (4, sp, 4 // sp), config
+    text = two_hosts.tail("pretrain", n=10**6)
     assert f"sp={sp}" in text and f"dp={4 // sp}" in text, text
-    assert_same_losses(read_losses(log), reference_losses(two_hosts, sp))
+    assert_same_losses(read_losses(logs[sp]), reference[sp])
 
 
-def test_node_failure_bounded_exit_and_resume(two_hosts):
+def test_node_failure_bounded_exit_and_resume(two_hosts, reference):
     """Host node2 dies mid-run (link cut, every process killed): node1 exits with an error within
     the --distributed-timeout-minutes bound; the last checkpoint is intact; a relaunch resumes."""
     sp, work = 4, two_hosts.workdir
@@ -131,4 +145,4 @@ def test_node_failure_bounded_exit_and_resume(two_hosts):
     # the relaunch starts after the checkpoint and continues the uninterrupted curve
     assert sorted(read_losses(log, skip_lines=before)) == list(range(saved + 1, ITERS + 1)), \
         two_hosts.tail("nodefail-relaunch")
-    assert_same_losses(read_losses(log), reference_losses(two_hosts, sp))
+    assert_same_losses(read_losses(log), reference[sp])
