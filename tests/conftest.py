@@ -32,16 +32,17 @@ def ranks():
 # emulated cluster at a time), and the heaviest units are handed out first, so that neither worker
 # ends the run with a long tail. Measured CPU-seconds (tests/cputime.py), heaviest first:
 HEAVY_FIRST = (
-    "tests/multinode",  # ~220: two emulated hosts and a Slurm cluster, 6-20 processes per job
-    "tests/training/test_cli.py",  # ~60: torchrun on the corpus, SIGTERM + resume through _launch.sh
-    "tests/training/test_e2e_parity.py",  # ~50: 25 runs on the pools
-    "tests/cli/test_jobs.py",  # ~45: five torchrun jobs
-    "tests/checkpoint/test_preemption.py",  # ~30
-    "tests/parallel/test_gpu_check_dry.py",  # ~25
-    "tests/checkpoint/test_optimizer_state.py",  # ~20
-    "tests/checkpoint/test_faults.py",  # ~20
-    "tests/conversion/test_tools.py",  # ~15
-    "tests/core/test_model_equivalence.py",  # ~14
+    "tests/multinode",  # ~230: two emulated hosts and a Slurm cluster, 6-20 processes per job
+    "tests/training/test_cli.py",  # ~85: torchrun on the corpus, SIGTERM + resume through _launch.sh
+    "tests/cli/test_jobs.py",  # ~52: five torchrun jobs
+    "tests/memory/test_long_context_memory.py",  # ~42: every trick measured, a reduced full-scale fake run
+    "tests/lifecycle/test_extend_context.py",  # ~41: extend_context.sh end to end
+    "tests/training/test_e2e_parity.py",  # ~41: 25 runs on the pools
+    "tests/parallel/test_gpu_check_dry.py",  # ~33
+    "tests/checkpoint/test_preemption.py",  # ~31
+    "tests/core/test_model_equivalence.py",  # ~18
+    "tests/conversion/test_tools.py",  # ~17
+    "tests/checkpoint/test_optimizer_state.py",  # ~15
     "tests/memory/test_memory_estimate.py",  # ~13
 )
 

@@ -103,7 +103,7 @@ CASES = [
     Case("token_ids_above_vocab", NULL.replace(f"--vocab-size {VOCAB}", "--vocab-size 50")
          + " --make-vocab-size-divisible-by 1 --data-path {good}",
          "holds token id 100 (largest id 100 in"),
-    Case("token_ids_wrong_tokenizer", NULL + " --data-path {wide}", "is >= the model's vocabulary size 128"),
+    Case("token_ids_wrong_tokenizer", NULL + " --data-path {wide}", "is >= the model's vocabulary size 101"),
     # ---------------------------------------------------------------- tokenizers
     Case("gpt2_vocab_not_json", MODEL + " --data-path {good} --vocab-file {not_json} --merge-file {merge_file}",
          "is not a GPT-2 vocab.json"),
