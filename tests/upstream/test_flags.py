@@ -160,24 +160,6 @@ def test_exit_on_missing_checkpoint(tmp_path):
     assert cfg(["--load", str(tmp_path), "--exit-on-missing-checkpoint"]).checkpoint.load == str(tmp_path)
 
 
-# ------------------------------------------------------------------ parsed now, implemented by others later
-
-NOT_YET: dict = {}  # none left: --rotary-percent, FPDT and --checkpoint-num-layers are implemented
-
-
-@pytest.mark.parametrize("flag", sorted(NOT_YET))
-def test_not_yet_implemented_flags_parse_with_upstream_types_and_defaults(flag):
-    dest, default, other = NOT_YET[flag]
-    assert getattr(build_parser().parse_args([]), dest) == default
-    given = [flag] if other is None else [flag, other]
-    parsed = getattr(build_parser().parse_args(given), dest)
-    assert parsed == (True if other is None else type(default)(other))
-    msg = error(given)
-    assert msg.startswith(flag) and "not implemented yet" in msg
-    if other is not None:
-        cfg([flag, str(default)])  # the default value is accepted
-
-
 def test_unknown_flags_suggest_the_closest_one():
     msg = error(["--num-layer", "2"])
     assert "unknown flag --num-layer; did you mean --num-layers?" in msg and "unexpected value" not in msg
