@@ -185,13 +185,8 @@ def _plot(path, seqs, settings, peak, budget, big, curves, measured):
     for s in settings:
         ax.plot(seqs, [peak[(s, n)] / 2**20 for n in seqs], marker="o", label=s)
     ax.axhline(budget / 2**20, color="grey", linestyle="--", linewidth=1, label="budget")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("sequence length N (tokens, SP = 2)")
-    ax.set_ylabel("peak activation memory per rank (MiB)")
-    ax.set_title("Measured: one step, tiny Llama, CPU")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    _log_axes(ax, "sequence length N (tokens, SP = 2)", "peak activation memory per rank (MiB)",
+              "Measured: one step, tiny Llama, CPU")
     for s in curves:
         bx.plot(big, curves[s], marker=".", label=s)
     bx.axhline(78, color="grey", linestyle="--", linewidth=1, label="80 GiB - 2 reserve")
@@ -199,17 +194,22 @@ def _plot(path, seqs, settings, peak, budget, big, curves, measured):
     if measured:
         bx.plot([r["seq_length"] for r in measured], [r["measured_peak"] / 2**30 for r in measured], "k*",
                 markersize=10, label="measured (fake tensors, 32 layers)")
-    bx.set_xscale("log", base=2)
-    bx.set_yscale("log", base=2)
-    bx.set_xlabel("sequence length N (tokens, 8 GPUs)")
-    bx.set_ylabel("peak per GPU (GiB)")
-    bx.set_title("Planned: Llama-3-8B, SP 8, ZeRO-3, bf16")
-    bx.grid(True, which="both", alpha=0.3)
-    bx.legend(fontsize=7)
+    _log_axes(bx, "sequence length N (tokens, 8 GPUs)", "peak per GPU (GiB)", "Planned: Llama-3-8B, SP 8, ZeRO-3, bf16")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"plot written to {path}")
+
+
+def _log_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-2 axes, labels, grid and legend of one panel."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 if __name__ == "__main__":
