@@ -21,9 +21,10 @@ from megatron.config import OptimConfig
 def autocast_context(cfg: OptimConfig, device_type: str):
     """`torch.autocast` for bf16/fp16, a no-op for fp32.
 
-    The autocast weight cache is off: it keeps a low-precision copy of every weight it casts
-    until the forward ends, which under ZeRO-3 (FSDP2) with recompute is a copy of the
-    *gathered* model (54.6 GiB per rank for the 30B script; see tools/estimate_memory.py).
+    The autocast weight cache is off: it keeps a low-precision copy of every fp32 weight it
+    casts until the forward ends, a copy of the model's linear weights under ZeRO-0/1 (2.44 GiB
+    per rank for the 1.3B script; see tools/estimate_memory.py --autocast-weight-cache). Under
+    ZeRO-2/3 FSDP2 gathers bf16/fp16 weights, which autocast does not cast: nothing to cache.
     Without it, tensors autograd saves are kept as usual and only re-used weights (the tied
     embedding) are cast twice.
     """
