@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         uncached = estimate_memory(cfg.model, cfg.data.seq_length, **{**settings, "autocast_weight_cache": False})
         if est["peak"] - uncached["peak"] > GIB:
             notes.append(f"torch.autocast's weight cache keeps a bf16 copy of every weight until the forward "
-                         f"ends ({est['weight_copies'] / GIB:.2f} GiB here, unsharded even under ZeRO-3); with "
+                         f"ends ({est['weight_copies'] / GIB:.2f} GiB here); with "
                          f"autocast(cache_enabled=False) the peak would be {uncached['peak'] / GIB:.2f} GiB "
                          f"(the training stack's default; drop --autocast-weight-cache)")
     if args.sweep_seq:
