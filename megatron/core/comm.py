@@ -11,30 +11,27 @@ log read the time share of communication.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
+from megatron.core.device_timing import TimedRegions
+
 # torch >= 2.13 renamed all_gather_into_tensor; keep both working
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 _bytes: dict[str, int] = defaultdict(int)
 _calls: dict[str, int] = defaultdict(int)
-_seconds: dict[str, float] = defaultdict(float)
-# CUDA (start, end) event pairs not yet read back, per kind: reading an event's time waits
-# for the GPU, so it happens when someone asks for the seconds (once per logged iteration)
-_pending: dict[str, list] = defaultdict(list)
-_MAX_PENDING = 512
+# seconds per kind; on CUDA read back from event pairs only when asked (once per logged iteration)
+_timing = TimedRegions(max_pending=512)
 
 
 def reset_counters() -> None:
     _bytes.clear()
     _calls.clear()
-    _seconds.clear()
-    _pending.clear()
+    _timing.clear()
 
 
 def bytes_sent(kind: str | None = None) -> int:
@@ -46,18 +43,6 @@ def calls(kind: str) -> int:
     return _calls[kind]
 
 
-def _resolve(kind: str, block: bool) -> None:
-    """Turn finished CUDA event pairs into seconds (all of them when `block`)."""
-    pairs, keep = _pending.get(kind, []), []
-    for start, end in pairs:
-        if block or end.query():
-            end.synchronize()
-            _seconds[kind] += start.elapsed_time(end) / 1000.0
-        else:
-            keep.append((start, end))
-    _pending[kind] = keep
-
-
 def seconds(kind: str | None = None) -> float:
     """Seconds spent inside synchronous collectives since the last reset.
 
@@ -66,13 +51,11 @@ def seconds(kind: str | None = None) -> float:
     (which waits for NCCL to finish): reading it synchronizes with the GPU, so call this
     once per logged iteration, not per micro-batch.
     """
-    for k in ([kind] if kind is not None else list(_pending)):
-        _resolve(k, block=True)
-    return _seconds[kind] if kind is not None else sum(_seconds.values())
+    return _timing.seconds(kind) if kind is not None else sum(_timing.seconds(k) for k in _timing.names())
 
 
 def counters() -> dict[str, dict[str, float]]:
-    kinds = set(_bytes) | set(_calls) | set(_seconds) | set(_pending)
+    kinds = set(_bytes) | set(_calls) | _timing.names()
     return {k: {"bytes": _bytes[k], "calls": _calls[k], "seconds": seconds(k)} for k in sorted(kinds)}
 
 
@@ -80,22 +63,8 @@ def counters() -> dict[str, dict[str, float]]:
 def _record(kind: str, nbytes: int, device: torch.device | None = None):
     _bytes[kind] += int(nbytes)
     _calls[kind] += 1
-    if device is not None and device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        try:
-            yield
-        finally:
-            end.record()
-            _pending[kind].append((start, end))
-            if len(_pending[kind]) > _MAX_PENDING:
-                _resolve(kind, block=False)
-        return
-    begin = time.perf_counter()
-    try:
+    with _timing.region(kind, cuda=device is not None and device.type == "cuda"):
         yield
-    finally:
-        _seconds[kind] += time.perf_counter() - begin
 
 
 def _check_device(tensor: torch.Tensor, group, what: str) -> None:
@@ -195,17 +164,17 @@ class PendingShift:
     """An in-flight ring exchange; `wait()` returns the tensor received from the previous rank.
 
     Its seconds are counted at `wait()`, i.e. only the time the caller was actually blocked
-    (the transfer overlaps whatever ran between the start and the wait).
+    (the transfer overlaps whatever ran between the start and the wait); on CUDA, where `wait()`
+    only makes the current stream wait, as the GPU time of that wait (CUDA events).
     """
 
     def __init__(self, works, sent: torch.Tensor, received: torch.Tensor, kind: str) -> None:
         self._works, self._sent, self._received, self._kind = works, sent, received, kind
 
     def wait(self) -> torch.Tensor:
-        start = time.perf_counter()
-        for work in self._works:
-            work.wait()
-        _seconds[self._kind] += time.perf_counter() - start
+        with _timing.region(self._kind, cuda=self._received.is_cuda):
+            for work in self._works:
+                work.wait()
         self._works, self._sent = [], None  # the send buffer may be freed now
         return self._received
 

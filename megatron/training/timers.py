@@ -10,18 +10,17 @@ times every collective it issues the same way.
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
+
+from megatron.core.device_timing import TimedRegions
 
 
 class Timers:
     def __init__(self, enabled: bool = True, device: torch.device | None = None) -> None:
         self.enabled = enabled
-        self._elapsed: dict[str, float] = defaultdict(float)
-        self._events: list[tuple[str, object, object]] = []
+        self._regions = TimedRegions()
         self._cuda = device is not None and device.type == "cuda"
 
     @contextmanager
@@ -29,30 +28,12 @@ class Timers:
         if not self.enabled:
             yield
             return
-        if self._cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            try:
-                yield
-            finally:
-                end.record()
-                self._events.append((name, start, end))
-            return
-        begin = time.perf_counter()
-        try:
+        with self._regions.region(name, self._cuda):
             yield
-        finally:
-            self._elapsed[name] += time.perf_counter() - begin
 
     def add(self, name: str, seconds: float) -> None:
-        self._elapsed[name] += seconds
+        self._regions.add(name, seconds)
 
     def pop_all(self) -> dict[str, float]:
         """Seconds accumulated per timer since the last call, and reset (waits for recorded GPU work)."""
-        for name, start, end in self._events:
-            end.synchronize()
-            self._elapsed[name] += start.elapsed_time(end) / 1000.0
-        self._events.clear()
-        out = dict(self._elapsed)
-        self._elapsed.clear()
-        return out
+        return self._regions.pop_all()
